@@ -1,0 +1,153 @@
+"""A datamodule of language-model examples: plain documents or (prompt, target) pairs.
+
+Records come from files (read and validated by ``lethe.records``: text, TOFU,
+CounterFact, zsRE) or inline lists in the preset. The tokenizer and the model
+family come from the running LightningModule, so a preset names the model once;
+pass ``tokenizer``/``family`` to use the datamodule on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from lethe import lm
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: Sequence[dict]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.examples[i], "index": i}
+
+
+def examples_from_records(records) -> list[dict]:
+    """Turn typed records into LM examples: TextRecord → text; QA / edit records → (prompt, target)."""
+    out = []
+    for r in records:
+        if hasattr(r, "text"):
+            out.append({"text": r.text})
+        elif hasattr(r, "question"):
+            out.append({"prompt": r.question, "target": r.answer})
+        elif hasattr(r, "rewrite_prompt"):
+            out.append({"prompt": r.rewrite_prompt, "target": r.target_true})
+        else:
+            raise TypeError(f"cannot make a language-model example from {type(r).__name__}")
+    return out
+
+
+def load_examples(paths: str | Sequence[str] | None, kind: str, texts: Sequence[str] | None = None,
+                  pairs: Sequence[Sequence[str]] | None = None) -> list[dict]:
+    examples: list[dict] = []
+    if paths:
+        from lethe.records import read_records
+
+        for p in [paths] if isinstance(paths, str) else paths:
+            examples += examples_from_records(read_records(p, kind))
+    examples += [{"text": t} for t in texts or []]
+    examples += [{"prompt": p, "target": t} for p, t in pairs or []]
+    return examples
+
+
+def collate_examples(items: list[dict], tokenizer, family: str, max_length: int | None, seed: int,
+                     add_eos: bool = True) -> dict:
+    if all("text" in it for it in items):
+        # Masks for MLM depend on the examples' indices only: the same batch always gets the same masks,
+        # so a resumed run sees exactly what an uninterrupted one would.
+        batch = lm.encode_texts(tokenizer, family, [it["text"] for it in items], max_length=max_length,
+                                seed=seed + sum(it["index"] for it in items))
+    elif all("prompt" in it for it in items):
+        batch = lm.encode_pairs(tokenizer, family, [it["prompt"] for it in items],
+                                [it["target"] for it in items], max_length=max_length, add_eos=add_eos)
+    else:
+        raise ValueError("a batch mixes plain texts and prompt/target pairs; keep one kind per dataset")
+    batch["index"] = __import__("torch").tensor([it["index"] for it in items])
+    return batch
+
+
+class LMDataModule(L.LightningDataModule):
+    """Train/val/test splits of LM examples.
+
+    Args:
+        train, val, test: file path(s) of records of ``kind``.
+        kind: "text", "tofu", "counterfact" or "zsre".
+        texts, val_texts: inline documents (added to the files' examples).
+        pairs, val_pairs: inline ``[prompt, target]`` pairs.
+        add_eos: end pair targets with EOS (what a generator should learn to stop on).
+    """
+
+    def __init__(
+        self,
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        test: str | list[str] | None = None,
+        kind: str = "text",
+        texts: list[str] | None = None,
+        val_texts: list[str] | None = None,
+        pairs: list[list[str]] | None = None,
+        val_pairs: list[list[str]] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_length: int | None = 256,
+        add_eos: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer: str | None = None,
+        family: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.family = family
+        self.splits: dict[str, ExampleDataset] = {}
+
+    def _resolve_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        if self.hparams.tokenizer:
+            from lethe.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        elif self.trainer is not None and getattr(self.trainer, "lightning_module", None) is not None:
+            module = self.trainer.lightning_module
+            self.tokenizer = module.tokenizer
+            self.family = self.family or module.family
+        if self.tokenizer is None or self.family is None:
+            raise ValueError("LMDataModule needs a tokenizer and a family: run it with a lethe module, or pass "
+                             "tokenizer= and family=")
+
+    def setup(self, stage: str | None = None) -> None:
+        self._resolve_tokenizer()
+        h = self.hparams
+        if "train" not in self.splits:
+            train = load_examples(h.train, h.kind, h.texts, h.pairs)
+            if stage in (None, "fit") and not train:
+                raise ValueError("the training set is empty: give train files, texts or pairs")
+            self.splits["train"] = ExampleDataset(train)
+            self.splits["val"] = ExampleDataset(load_examples(h.val, h.kind, h.val_texts, h.val_pairs))
+            self.splits["test"] = ExampleDataset(load_examples(h.test, h.kind))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        collate = partial(collate_examples, tokenizer=self.tokenizer, family=self.family,
+                          max_length=h.max_length, seed=h.seed, add_eos=h.add_eos)
+        bs = h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size)
+        return DataLoader(self.splits[split], batch_size=bs, shuffle=shuffle, collate_fn=collate,
+                          num_workers=h.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False) if len(self.splits.get("val", [])) else []
+
+    def test_dataloader(self):
+        split = "test" if len(self.splits.get("test", [])) else "val"
+        return self._loader(split, shuffle=False)

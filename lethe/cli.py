@@ -1,0 +1,176 @@
+"""The ``lethe`` command.
+
+Training jobs (``fit``, ``validate``, ``test``, ``predict``) are Lightning's own
+subcommands through ``LightningCLI``: ``--config configs/<preset>.yaml``,
+``--print_config``, ``--ckpt_path last`` to resume. Every run lives in one
+predictable folder, ``<run.root>/<run.name>/``: its checkpoints
+(``checkpoints/last.ckpt``), its CSV metrics, its wandb files and id, so that a
+resumed run continues the same logger run instead of scattering versions.
+
+Jobs that train nothing (editing, attribution, building the world) are further
+subcommands listed in ``COMMANDS``; each points at a ``main(argv)`` function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+TRAINER_COMMANDS = {
+    "fit": "train a method (unlearning, an editor hypernetwork, a language model) from a preset",
+    "validate": "run a preset's validation loop",
+    "test": "run a preset's test loop",
+    "predict": "run a preset's predict loop",
+}
+
+# Non-training subcommands: name -> ("module:function", help). Later features register here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("lethe.world_models:main", "build the synthetic world and pretrain its tiny models (cached)"),
+    "edit": ("lethe.edit_cli:main", "apply an editor (ROME, MEMIT, MEND, KE, KN) to edit requests"),
+    "attribute": ("lethe.attribute_cli:main", "Knowledge-Neurons attribution: scores, refined neurons, heatmaps"),
+    "trace": ("lethe.trace_cli:main", "causal tracing: where a model stores a fact, as a heatmap"),
+}
+
+
+def _available_commands() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (target, help_) in COMMANDS.items():
+        module = target.split(":")[0]
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (target, help_)
+    return out
+
+
+class LetheCLI(LightningCLI):
+    """LightningCLI plus lethe's run folder, loggers and checkpointing."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run.name", type=str | None, default=None,
+                            help="run name; the run folder is <run.root>/<run.name> (default: the preset's name)")
+        parser.add_argument("--run.root", type=str, default="runs", help="folder holding all runs")
+        parser.add_argument("--run.logger", type=str, default="csv",
+                            help="csv, wandb, csv+wandb or none (wandb honours WANDB_MODE=offline)")
+        parser.add_argument("--run.project", type=str, default="lethe", help="wandb project")
+        parser.add_argument("--run.save_every_n_steps", type=int | None, default=None,
+                            help="also checkpoint every N training steps (last.ckpt is always kept)")
+
+    def _run_settings(self):
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        run = cfg.get("run")
+        name = run.get("name")
+        if not name:
+            configs = cfg.get("config") or []
+            name = Path(str(configs[-1])).stem if configs else "run"
+        return run, name, Path(run.get("root") or "runs") / name
+
+    def instantiate_trainer(self, **kwargs):
+        run, name, run_dir = self._run_settings()
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        if trainer_cfg.get("logger") is None:
+            kwargs["logger"] = make_loggers(run.get("logger"), run_dir, name, run.get("project"))
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                             every_n_train_steps=run.get("save_every_n_steps")))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def _rank() -> int:
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run folder's wandb id: created once, reused on resume so the same wandb run continues."""
+    path = run_dir / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if _rank() == 0:
+        from lethe.io import atomic_path
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(run_id + "\n")
+    return run_id
+
+
+def make_loggers(kind: str | None, run_dir: Path, name: str, project: str = "lethe") -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    kinds = {k.strip() for k in (kind or "none").replace(",", "+").split("+") if k.strip()}
+    unknown = kinds - {"csv", "wandb", "none"}
+    if unknown:
+        raise ValueError(f"unknown run.logger {sorted(unknown)}: use csv, wandb, csv+wandb or none")
+    loggers = []
+    if "csv" in kinds:
+        loggers.append(CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version=""))
+    if "wandb" in kinds:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        loggers.append(WandbLogger(name=name, project=project, save_dir=str(run_dir), id=wandb_run_id(run_dir),
+                                   resume="allow"))
+    return loggers or False
+
+
+def run_trainer_cli(args: list[str] | None = None) -> LetheCLI:
+    return LetheCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def print_help() -> None:
+    extra = _available_commands()
+    width = max(len(n) for n in [*TRAINER_COMMANDS, *extra])
+    lines = [
+        "usage: lethe <command> [options]   (lethe <command> --help for a command's options)",
+        "",
+        "lethe edits and erases knowledge in transformer language models, as Lightning jobs.",
+        "",
+        "training jobs (LightningCLI: --config configs/<preset>.yaml, --print_config, --ckpt_path last):",
+    ]
+    lines += [f"  {n.ljust(width)}  {h}" for n, h in TRAINER_COMMANDS.items()]
+    lines += ["", "other jobs:"]
+    lines += [f"  {n.ljust(width)}  {h}" for n, (_, h) in extra.items()]
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_help()
+        return
+    command = argv[0]
+    if command in TRAINER_COMMANDS:
+        # From the shell, LightningCLI reads sys.argv itself (DDP re-launches the same command line).
+        run_trainer_cli(None if from_sys else argv)
+        return
+    extra = _available_commands()
+    if command in extra:
+        module, fn = extra[command][0].split(":")
+        getattr(importlib.import_module(module), fn)(argv[1:])
+        return
+    print(f"lethe: unknown command {command!r}\n", file=sys.stderr)
+    print_help()
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Writing results so that nothing already written is lost or half-overwritten.
+
+Every file or folder lethe produces is first written beside its destination
+and then moved into place with one ``os.replace``; an interrupted write leaves
+the previous version (or nothing), never a truncated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success it replaces ``dest`` in one step."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir and dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+    return Path(path)
+
+
+def save_pretrained(model, tokenizer, dest: str | os.PathLike) -> Path:
+    """Save a Hugging Face model (+ tokenizer) folder atomically, as safetensors."""
+    with atomic_path(dest, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(dest)
+
+
+def cache_root(override: str | os.PathLike | None = None) -> Path:
+    """lethe's cache: the argument, else $LETHE_CACHE, else ~/.cache/lethe."""
+    root = Path(override or os.environ.get("LETHE_CACHE") or Path.home() / ".cache" / "lethe")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,230 @@
+"""Family-agnostic language-model plumbing: encode (prompt, target) pairs and score targets.
+
+One convention for all three families, so every method and metric shares it:
+a batch has ``input_ids``, ``attention_mask`` and ``labels`` where ``labels``
+is -100 everywhere except on the target tokens.
+
+- decoder: ``input_ids = prompt + target`` (right-padded); labels are aligned
+  with input_ids (Hugging Face convention; shifting happens in scoring).
+- mlm: ``[CLS] prompt [MASK]*n [SEP]``; labels hold the target ids at the masks.
+- seq2seq: ``input_ids`` is the prompt (encoder side); ``labels`` the target
+  ids (the model builds decoder inputs from labels by shifting right).
+
+Tokenisation traps handled here: a leading space belongs to the target (BPE),
+the target never includes BOS, and padding side never changes a score.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def target_text(target: str) -> str:
+    """Targets are stored without a leading space; BPE tokenizers need it in front."""
+    return " " + target.strip()
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """What the tokenizer puts in front of a text (BOS / CLS), or nothing."""
+    with_special = _ids(tokenizer, "a", True)
+    plain = _ids(tokenizer, "a", False)
+    if not plain:
+        return []
+    idx = with_special.index(plain[0]) if plain[0] in with_special else 0
+    return with_special[:idx]
+
+
+def _suffix(tokenizer) -> list[int]:
+    with_special = _ids(tokenizer, "a", True)
+    plain = _ids(tokenizer, "a", False)
+    if not plain or plain[-1] not in with_special:
+        return []
+    idx = len(with_special) - 1 - with_special[::-1].index(plain[-1])
+    return with_special[idx + 1:]
+
+
+class EncodingError(ValueError):
+    pass
+
+
+def encode_pairs(
+    tokenizer,
+    family: str,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_length: int | None = None,
+    add_eos: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Encode prompt/target pairs for scoring or training (see the module docstring)."""
+    if len(prompts) != len(targets):
+        raise EncodingError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise EncodingError("no prompts to encode")
+    rows_in, rows_lab = [], []
+    prefix, suffix = _bos_prefix(tokenizer), _suffix(tokenizer)
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        tgt = _ids(tokenizer, target_text(target), False)
+        if not tgt:
+            raise EncodingError(f"target {target!r} (pair {i}) tokenises to nothing")
+        if add_eos and tokenizer.eos_token_id is not None and family != "mlm":
+            tgt = tgt + [tokenizer.eos_token_id]
+        p = _ids(tokenizer, prompt, False) if prompt else []
+        if family == "decoder":
+            ids = prefix + p + tgt
+            lab = [IGNORE] * (len(prefix) + len(p)) + tgt
+        elif family == "mlm":
+            mask_id = tokenizer.mask_token_id
+            if mask_id is None:
+                raise EncodingError("this tokenizer has no mask token; it cannot serve a masked LM")
+            ids = prefix + p + [mask_id] * len(tgt) + suffix
+            lab = [IGNORE] * (len(prefix) + len(p)) + tgt + [IGNORE] * len(suffix)
+        elif family == "seq2seq":
+            ids = prefix + p + suffix
+            lab = tgt
+        else:
+            raise EncodingError(f"unknown family {family!r}")
+        if max_length is not None and len(ids) > max_length:
+            cut = len(ids) - max_length
+            if family == "seq2seq" or cut > len(p):
+                raise EncodingError(f"pair {i} is {len(ids)} tokens, longer than max_length={max_length}")
+            # drop the oldest prompt tokens, keep BOS and the target
+            ids = ids[:len(prefix)] + ids[len(prefix) + cut:]
+            lab = lab[:len(prefix)] + lab[len(prefix) + cut:]
+        rows_in.append(ids)
+        rows_lab.append(lab)
+    return collate(rows_in, rows_lab, tokenizer.pad_token_id)
+
+
+def collate(rows_in: list[list[int]], rows_lab: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch; labels are padded with -100 (lengths may differ for seq2seq)."""
+    n = max(len(r) for r in rows_in)
+    m = max(len(r) for r in rows_lab)
+    ids = torch.full((len(rows_in), n), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows_in), n), dtype=torch.long)
+    lab = torch.full((len(rows_in), m), IGNORE, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(rows_in, rows_lab)):
+        ids[i, : len(a)] = torch.tensor(a)
+        att[i, : len(a)] = 1
+        lab[i, : len(b)] = torch.tensor(b)
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def encode_texts(
+    tokenizer,
+    family: str,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    mlm_probability: float = 0.15,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Encode plain documents for language-model training/unlearning in each family.
+
+    decoder: every token is a target. mlm: ``mlm_probability`` of the tokens are
+    masked (at least one), deterministically from ``seed``. seq2seq: the first
+    half of the words is the source, the second half the target.
+    """
+    if not texts:
+        raise EncodingError("no texts to encode")
+    if family == "seq2seq":
+        prompts, targets = [], []
+        for t in texts:
+            words = t.split()
+            cut = max(1, len(words) // 2)
+            prompts.append(" ".join(words[:cut]))
+            targets.append(" ".join(words[cut:]) or words[-1])
+        return encode_pairs(tokenizer, family, prompts, targets, max_length=max_length, add_eos=True)
+    prefix, suffix = _bos_prefix(tokenizer), _suffix(tokenizer)
+    rows_in, rows_lab = [], []
+    rng = random.Random(seed)
+    for t in texts:
+        body = _ids(tokenizer, t, False)
+        if max_length is not None:
+            body = body[: max(1, max_length - len(prefix) - len(suffix))]
+        if family == "decoder":
+            ids = prefix + body
+            lab = [IGNORE] * len(prefix) + body
+        elif family == "mlm":
+            k = max(1, round(mlm_probability * len(body)))
+            pos = set(rng.sample(range(len(body)), k))
+            masked = [tokenizer.mask_token_id if j in pos else tok for j, tok in enumerate(body)]
+            ids = prefix + masked + suffix
+            lab = [IGNORE] * len(prefix) + [tok if j in pos else IGNORE for j, tok in enumerate(body)] + [
+                IGNORE] * len(suffix)
+        else:
+            raise EncodingError(f"unknown family {family!r}")
+        rows_in.append(ids)
+        rows_lab.append(lab)
+    return collate(rows_in, rows_lab, tokenizer.pad_token_id)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """The keys a Hugging Face forward takes (labels only as decoder inputs for seq2seq)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if family == "seq2seq":
+        if "decoder_input_ids" in batch:
+            inputs["decoder_input_ids"] = batch["decoder_input_ids"]
+        else:
+            inputs["labels"] = batch["labels"]
+    return inputs
+
+
+def aligned(logits: torch.Tensor, labels: torch.Tensor, family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels aligned position by position (decoders predict the next token)."""
+    if family == "decoder":
+        return logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target-token log-probabilities and the mask of target positions."""
+    lg, lb = aligned(logits, labels, family)
+    mask = lb != IGNORE
+    logp = torch.log_softmax(lg.float(), dim=-1)
+    tok = logp.gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return tok * mask, mask
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+    return model(**model_inputs(batch, family)).logits
+
+
+def sequence_nll(model, batch: dict[str, torch.Tensor], family: str, reduction: str = "mean") -> torch.Tensor:
+    """Per-example NLL of the target tokens: summed ("sum") or averaged over tokens ("mean")."""
+    tok, mask = token_logprobs(forward_logits(model, batch, family), batch["labels"], family)
+    total = -tok.sum(-1)
+    if reduction == "sum":
+        return total
+    return total / mask.sum(-1).clamp(min=1)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Tensor:
+    """Mean token cross-entropy over all target tokens in the batch."""
+    lg, lb = aligned(logits, labels, family)
+    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lb.reshape(-1), ignore_index=IGNORE)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def target_probability(model, tokenizer, family: str, prompts: Sequence[str], targets: Sequence[str],
+                       batch_size: int = 64) -> torch.Tensor:
+    """P(target | prompt) = exp(-mean token NLL), CounterFact's probability, for each pair."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        batch = to_device(encode_pairs(tokenizer, family, prompts[s:s + batch_size], targets[s:s + batch_size]),
+                          device)
+        out.append(torch.exp(-sequence_nll(model, batch, family)).cpu())
+    return torch.cat(out)

@@ -1,0 +1,63 @@
+"""Plain language-model training in all three families.
+
+Used to pretrain lethe's world models, to fine-tune on TOFU before unlearning,
+and as the constrained fine-tuning baseline of the editing benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lethe import lm
+from lightning_modules.base import ModelModule
+
+
+class LanguageModelModule(ModelModule):
+    """Minimise the target-token cross-entropy of ``{input_ids, attention_mask, labels}`` batches."""
+
+    def __init__(
+        self,
+        model: str,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.save_hyperparameters()
+        self.model.train()
+
+    def _step(self, batch):
+        logits = self(batch)
+        loss = lm.lm_loss(logits, batch["labels"], self.family)
+        lg, lb = lm.aligned(logits, batch["labels"], self.family)
+        mask = lb != lm.IGNORE
+        acc = ((lg.argmax(-1) == lb) & mask).sum() / mask.sum().clamp(min=1)
+        return loss, acc
+
+    def training_step(self, batch, batch_idx):
+        loss, acc = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/token_acc", acc, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self._step(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/token_acc", acc, prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        loss, acc = self._step(batch)
+        self.log("test/loss", loss, sync_dist=True)
+        self.log("test/token_acc", acc, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        if not self.hparams.warmup_steps:
+            return opt
+        warm = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
