@@ -1,0 +1,220 @@
+"""Edits as artifacts: what changed (additive weight deltas) plus the requests that asked for it.
+
+An edit can then be inspected, saved, re-applied to a fresh copy of the model and
+reverted bit-for-bit. Every editor (ROME, MEMIT, MEND, KE, KN) returns one of these
+from ``Editor.edit(loaded, requests)``, with the edit already applied to the model it
+was given, so ``artifact.revert(model)`` undoes it exactly.
+
+Deltas are stored in each parameter's own layout (GPT-2's Conv1D weights are (in, out)),
+keyed by the parameter's name in the unwrapped model, in float32.
+
+Sequential editing: ``combine`` sums artifacts into one; the edit CLI saves the running
+sum after each batch of requests, so a long sequential run resumes from its last save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lethe.adapters import unwrap
+from lethe.io import atomic_path
+from lethe.records import EditRequest
+
+DELTAS_FILE = "deltas.safetensors"
+META_FILE = "artifact.json"
+FORMAT_VERSION = 1
+
+
+class EditArtifactError(ValueError):
+    pass
+
+
+def request_to_dict(req: EditRequest) -> dict:
+    return dataclasses.asdict(req)
+
+
+def request_from_dict(d: dict) -> EditRequest:
+    names = {f.name for f in dataclasses.fields(EditRequest)}
+    req = EditRequest(**{k: v for k, v in d.items() if k in names})
+    for k, v in d.items():  # fields a later EditRequest may carry (e.g. neighborhood_targets)
+        if k not in names:
+            setattr(req, k, v)
+    return req
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A short hash of a tensor's bytes: tells whether an artifact meets the weights it was made on."""
+    data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(unwrap(model).named_parameters())
+
+
+@dataclass
+class EditArtifact:
+    """The weight deltas of an edit and the requests behind it (see the module docstring)."""
+
+    method: str
+    model_source: str
+    deltas: dict[str, torch.Tensor]
+    requests: list[EditRequest] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    base_fingerprints: dict[str, str] = field(default_factory=dict)
+    _originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    # ----- construction -----------------------------------------------------
+    @classmethod
+    def from_weights(cls, method: str, model_source: str, before: dict[str, torch.Tensor], model: nn.Module,
+                     requests: Sequence[EditRequest] = (), meta: dict | None = None) -> EditArtifact:
+        """An artifact for an edit already made in place: ``before`` are the parameters' original values.
+
+        The model counts as applied: ``revert(model)`` puts ``before`` back bit-for-bit.
+        """
+        params = _params(model)
+        deltas = {n: (params[n].detach().float() - t.float()).cpu() for n, t in before.items()}
+        art = cls(method, model_source, deltas, list(requests), dict(meta or {}),
+                  {n: fingerprint(t) for n, t in before.items()})
+        art._originals[id(unwrap(model))] = {n: t.detach().clone() for n, t in before.items()}
+        return art
+
+    @staticmethod
+    def snapshot(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named parameters (what ``from_weights`` needs as ``before``)."""
+        params = _params(model)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise EditArtifactError(f"the model has no parameters named {missing}")
+        return {n: params[n].detach().clone() for n in names}
+
+    # ----- apply / revert ---------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Refuse a model whose parameter names or shapes differ from the ones this edit was made on."""
+        params = _params(model)
+        for name, delta in self.deltas.items():
+            if name not in params:
+                raise EditArtifactError(
+                    f"this {self.method} edit (made on {self.model_source}) changes parameter {name!r}, which "
+                    f"this {type(unwrap(model)).__name__} does not have: it is a different architecture")
+            if tuple(params[name].shape) != tuple(delta.shape):
+                raise EditArtifactError(
+                    f"parameter {name!r} has shape {tuple(params[name].shape)} here but the {self.method} edit "
+                    f"(made on {self.model_source}) has a delta of shape {tuple(delta.shape)}")
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return id(unwrap(model)) in self._originals
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, check_base: bool = True) -> nn.Module:
+        """Add the deltas to ``model`` in place, remembering the original tensors for ``revert``."""
+        self.check(model)
+        key = id(unwrap(model))
+        if key in self._originals:
+            raise EditArtifactError("this edit is already applied to this model; revert it first")
+        params = _params(model)
+        if check_base and self.base_fingerprints:
+            changed = [n for n, fp in self.base_fingerprints.items()
+                       if n in params and fingerprint(params[n]) != fp]
+            if changed:
+                warnings.warn(f"the weights of {changed} differ from those the {self.method} edit was computed "
+                              "on (another model, or other edits applied first); applying anyway", stacklevel=2)
+        self._originals[key] = {n: params[n].detach().clone() for n in self.deltas}
+        for n, d in self.deltas.items():
+            params[n].add_(d.to(params[n].device, params[n].dtype))
+        return model
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Put the original tensors back, bit-for-bit."""
+        key = id(unwrap(model))
+        if key not in self._originals:
+            raise EditArtifactError("this edit is not applied to this model (nothing to revert)")
+        params = _params(model)
+        for n, t in self._originals.pop(key).items():
+            params[n].copy_(t)
+        return model
+
+    # ----- composition ------------------------------------------------------
+    @classmethod
+    def combine(cls, artifacts: Sequence[EditArtifact], method: str | None = None) -> EditArtifact:
+        """One artifact whose deltas are the sum of several (a sequential run's running total)."""
+        if not artifacts:
+            raise EditArtifactError("nothing to combine")
+        deltas: dict[str, torch.Tensor] = {}
+        requests: list[EditRequest] = []
+        fps: dict[str, str] = {}
+        for a in artifacts:
+            for n, d in a.deltas.items():
+                deltas[n] = deltas[n] + d if n in deltas else d.clone()
+            requests += a.requests
+            for n, fp in a.base_fingerprints.items():
+                fps.setdefault(n, fp)
+        first = artifacts[0]
+        meta = {**first.meta, "combined": len(artifacts)}
+        return cls(method or first.method, first.model_source, deltas, requests, meta, fps)
+
+    def norms(self) -> dict[str, float]:
+        return {n: float(d.norm()) for n, d in self.deltas.items()}
+
+    # ----- disk -------------------------------------------------------------
+    def save(self, dest: str | Path) -> Path:
+        """Write ``deltas.safetensors`` + ``artifact.json`` into ``dest``, atomically (all or nothing)."""
+        from safetensors.torch import save_file
+
+        with atomic_path(dest, is_dir=True) as tmp:
+            save_file({n: d.detach().float().contiguous().cpu() for n, d in self.deltas.items()},
+                      str(tmp / DELTAS_FILE))
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "method": self.method,
+                "model_source": self.model_source,
+                "shapes": {n: list(d.shape) for n, d in self.deltas.items()},
+                "base_fingerprints": self.base_fingerprints,
+                "requests": [request_to_dict(r) for r in self.requests],
+                "meta": self.meta,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        return Path(dest)
+
+    @classmethod
+    def load(cls, src: str | Path) -> EditArtifact:
+        from safetensors.torch import load_file
+
+        src = Path(src)
+        for f in (META_FILE, DELTAS_FILE):
+            if not (src / f).is_file():
+                raise EditArtifactError(f"{src} is not an edit artifact: {f} is missing")
+        try:
+            meta = json.loads((src / META_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise EditArtifactError(f"{src / META_FILE}: not valid JSON ({err})") from err
+        deltas = load_file(str(src / DELTAS_FILE))
+        for n, shape in meta.get("shapes", {}).items():
+            if n not in deltas or list(deltas[n].shape) != shape:
+                raise EditArtifactError(f"{src}: {DELTAS_FILE} does not match {META_FILE} for parameter {n!r}")
+        return cls(meta["method"], meta["model_source"], deltas,
+                   [request_from_dict(r) for r in meta.get("requests", [])], meta.get("meta", {}),
+                   meta.get("base_fingerprints", {}))
+
+
+class Editor(Protocol):
+    """What every editing method provides to ``lethe edit`` and the benchmarks.
+
+    ``edit`` changes ``loaded.model`` in place and returns the applied artifact
+    (``artifact.revert(loaded.model)`` restores the model bit-for-bit).
+    """
+
+    name: str
+
+    def edit(self, loaded, requests: Sequence[EditRequest]) -> EditArtifact: ...

@@ -1,0 +1,186 @@
+"""Edit evaluation shared by every editing method, in both published protocols.
+
+Users are confused when tools mix the two protocols, so every result names its own:
+
+- ``counterfact_scores`` (ROME/MEMIT's CounterFact protocol): P = exp(-mean token NLL);
+  efficacy = share of cases with P(new) > P(true) on the rewrite prompt; paraphrase =
+  the same comparison averaged over a case's paraphrases, then over cases; neighbourhood =
+  share of neighbour prompts where the neighbour's own true object beats ``target_new``
+  (averaged per case, then over cases).
+- ``token_accuracy_scores`` (zsRE / MEND / EasyEdit): teacher-forced top-1 accuracy over
+  the target tokens for efficacy and paraphrase; locality = share of the locality
+  prompts' answer tokens whose top-1 prediction is unchanged by the edit, which needs
+  the pre-edit predictions (``locality_reference`` on the unedited model).
+
+A neighbour's true object is ``request.neighborhood_targets[i]`` when the request carries
+that list, else ``target_true`` (CounterFact's neighbours share the subject's true object).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lethe import lm
+from lethe.records import EditRequest
+
+COUNTERFACT = "counterfact"
+TOKEN_ACCURACY = "token_accuracy"
+
+
+def neighbor_pairs(req: EditRequest) -> list[tuple[str, str]]:
+    """(prompt, true object) for each neighbourhood prompt of a request."""
+    targets = getattr(req, "neighborhood_targets", None) or []
+    if targets and len(targets) != len(req.neighborhood_prompts):
+        raise ValueError(f"case {req.case_id}: {len(targets)} neighborhood_targets for "
+                         f"{len(req.neighborhood_prompts)} neighborhood_prompts")
+    out = []
+    for i, p in enumerate(req.neighborhood_prompts):
+        true = targets[i] if targets else req.target_true
+        if true is None:
+            raise ValueError(f"case {req.case_id}: neighbourhood prompts need target_true or neighborhood_targets")
+        out.append((p, true))
+    return out
+
+
+def locality_pairs(req: EditRequest) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs the edit must leave alone: loc pairs, else the neighbourhood."""
+    if req.loc_prompts:
+        return list(zip(req.loc_prompts, req.loc_answers))
+    return neighbor_pairs(req)
+
+
+def _probs(model, tok, family: str, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:
+    if not pairs:
+        return []
+    p = lm.target_probability(model, tok, family, [a for a, _ in pairs], [b for _, b in pairs],
+                              batch_size=batch_size)
+    return p.tolist()
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+@torch.no_grad()
+def counterfact_scores(model, tok, family: str, requests: Sequence[EditRequest], batch_size: int = 64) -> dict:
+    """CounterFact efficacy / paraphrase / neighbourhood of ``model`` on ``requests`` (see module doc)."""
+    was_training = model.training
+    model.eval()
+    pairs: list[tuple[str, str]] = []
+    layout: list[dict[str, list[int]]] = []
+    for req in requests:
+        if req.target_true is None:
+            raise ValueError(f"case {req.case_id}: the CounterFact protocol needs target_true")
+        idx: dict[str, list[int]] = {"rw": [], "para": [], "nb": []}
+        for prompt in [req.rewrite_prompt]:
+            idx["rw"] += [len(pairs), len(pairs) + 1]
+            pairs += [(prompt, req.target_new), (prompt, req.target_true)]
+        for prompt in req.paraphrase_prompts:
+            idx["para"] += [len(pairs), len(pairs) + 1]
+            pairs += [(prompt, req.target_new), (prompt, req.target_true)]
+        for prompt, true in neighbor_pairs(req):
+            idx["nb"] += [len(pairs), len(pairs) + 1]
+            pairs += [(prompt, req.target_new), (prompt, true)]
+        layout.append(idx)
+    probs = _probs(model, tok, family, pairs, batch_size)
+    eff, para, nb, p_new, p_true = [], [], [], [], []
+    for idx in layout:
+        a, b = idx["rw"]
+        eff.append(float(probs[a] > probs[b]))
+        p_new.append(probs[a])
+        p_true.append(probs[b])
+        wins = [float(probs[i] > probs[j]) for i, j in zip(idx["para"][::2], idx["para"][1::2])]
+        para.append(_mean(wins))
+        keeps = [float(probs[j] > probs[i]) for i, j in zip(idx["nb"][::2], idx["nb"][1::2])]
+        nb.append(_mean(keeps))
+    model.train(was_training)
+    return {
+        "protocol": COUNTERFACT,
+        "n": len(requests),
+        "efficacy": _mean(eff),
+        "paraphrase": _mean(para),
+        "neighborhood": _mean(nb),
+        "p_new": _mean(p_new),
+        "p_true": _mean(p_true),
+        "efficacy_per_case": eff,
+        "paraphrase_per_case": para,
+        "neighborhood_per_case": nb,
+    }
+
+
+@torch.no_grad()
+def teacher_forced_predictions(model, tok, family: str, pairs: Sequence[tuple[str, str]],
+                               batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
+    """For each (prompt, target): (top-1 prediction at each target token, the target token ids)."""
+    device = next(model.parameters()).device
+    out: list[tuple[list[int], list[int]]] = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        batch = lm.to_device(lm.encode_pairs(tok, family, [p for p, _ in chunk], [t for _, t in chunk]), device)
+        logits = lm.forward_logits(model, batch, family)
+        lg, lb = lm.aligned(logits, batch["labels"], family)
+        pred = lg.argmax(-1)
+        mask = lb != lm.IGNORE
+        for i in range(len(chunk)):
+            out.append((pred[i][mask[i]].tolist(), lb[i][mask[i]].tolist()))
+    return out
+
+
+def locality_reference(model, tok, family: str, requests: Sequence[EditRequest],
+                       batch_size: int = 64) -> list[list[list[int]]]:
+    """Pre-edit top-1 predictions on each request's locality pairs; pass to ``token_accuracy_scores``."""
+    out = []
+    for req in requests:
+        pairs = locality_pairs(req)
+        out.append([p for p, _ in teacher_forced_predictions(model, tok, family, pairs, batch_size)])
+    return out
+
+
+def _acc(preds: list[tuple[list[int], list[int]]]) -> float | None:
+    total = sum(len(t) for _, t in preds)
+    if not total:
+        return None
+    return sum(sum(int(a == b) for a, b in zip(p, t)) for p, t in preds) / total
+
+
+def token_accuracy_scores(model, tok, family: str, requests: Sequence[EditRequest],
+                          pre_predictions: list[list[list[int]]] | None = None, batch_size: int = 64) -> dict:
+    """zsRE-style token accuracy: efficacy_acc, paraphrase_acc and (given pre-edit predictions) locality."""
+    was_training = model.training
+    model.eval()
+    eff, para, loc = [], [], []
+    for k, req in enumerate(requests):
+        eff.append(_acc(teacher_forced_predictions(model, tok, family, [(req.rewrite_prompt, req.target_new)],
+                                                   batch_size)))
+        if req.paraphrase_prompts:
+            para.append(_acc(teacher_forced_predictions(
+                model, tok, family, [(p, req.target_new) for p in req.paraphrase_prompts], batch_size)))
+        if pre_predictions is not None:
+            pairs = locality_pairs(req)
+            now = teacher_forced_predictions(model, tok, family, pairs, batch_size)
+            ref = pre_predictions[k]
+            if len(ref) != len(now):
+                raise ValueError(f"case {req.case_id}: pre-edit predictions cover {len(ref)} locality pairs, "
+                                 f"the request has {len(now)}")
+            loc.append(_acc([(p, r) for (p, _), r in zip(now, ref)]))
+    model.train(was_training)
+    return {
+        "protocol": TOKEN_ACCURACY,
+        "n": len(requests),
+        "efficacy_acc": _mean(eff),
+        "paraphrase_acc": _mean(para),
+        "locality": _mean(loc) if pre_predictions is not None else None,
+        "efficacy_acc_per_case": eff,
+        "paraphrase_acc_per_case": para,
+        "locality_per_case": loc,
+    }
+
+
+def summary(scores: dict) -> dict:
+    """The scalar part of a score dict, keys prefixed by the protocol (for loggers)."""
+    proto = scores["protocol"]
+    return {f"{proto}/{k}": v for k, v in scores.items()
+            if k not in ("protocol",) and isinstance(v, (int, float)) and v is not None}
