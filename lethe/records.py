@@ -32,6 +32,7 @@ __all__ = [
     "QARecord",
     "RecordError",
     "TextRecord",
+    "atomic_write",
     "read_counterfact",
     "read_records",
     "read_text",
@@ -528,7 +529,8 @@ def read_records(path: str | os.PathLike, kind: str, **kwargs: Any) -> list:
 # --------------------------------------------------------------------------- writers
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> Path:
+def atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``: all or nothing."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -556,7 +558,7 @@ def _dump_json(path: str | os.PathLike, objs: Sequence[dict[str, Any]]) -> Path:
         text = json.dumps(list(objs), ensure_ascii=False, indent=1) + "\n"
     else:
         raise ValueError(f"{path}: write .json (a list) or .jsonl (one record a line), not {suffix!r}")
-    return _atomic_write(path, text)
+    return atomic_write(path, text)
 
 
 def _validated(records: Iterable[Any], cls: type, check: Callable[[Any, int], None]) -> list:
@@ -640,13 +642,13 @@ def write_text(records: Iterable[TextRecord | str], path: str | os.PathLike, fie
         if suffix == ".txt" and ("\n" in d or "\r" in d):
             raise RecordError(None, f"record {i}", field, "a .txt document cannot contain a line break")
     if suffix == ".txt":
-        return _atomic_write(path, "".join(d + "\n" for d in docs))
+        return atomic_write(path, "".join(d + "\n" for d in docs))
     if suffix == ".csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow([field])
         writer.writerows([d] for d in docs)
-        return _atomic_write(path, buf.getvalue())
+        return atomic_write(path, buf.getvalue())
     return _dump_json(path, [{field: d} for d in docs])
 
 
