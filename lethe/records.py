@@ -67,8 +67,10 @@ class EditRequest:
 
     Targets are stored without a leading space; callers add it for BPE tokenizers.
     ``loc_prompts``/``loc_answers`` are unrelated prompts with the answers the edit must
-    not change (zsRE's ``loc``/``loc_ans``; the synthetic world also fills them with its
-    neighbourhood prompts and the neighbours' true objects).
+    not change (zsRE's ``loc``/``loc_ans``). ``neighborhood_targets``, when not empty,
+    gives each neighbourhood prompt its own true object; when empty, the neighbours share
+    ``target_true`` as in CounterFact. The synthetic world's neighbours have objects that
+    differ from both targets, so it always fills ``neighborhood_targets``.
     """
 
     prompt: str
@@ -82,6 +84,7 @@ class EditRequest:
     relation: str | None = None
     loc_prompts: list[str] = field(default_factory=list)
     loc_answers: list[str] = field(default_factory=list)
+    neighborhood_targets: list[str] = field(default_factory=list)
 
     @property
     def rewrite_prompt(self) -> str:
@@ -372,6 +375,15 @@ def _check_edit(req: EditRequest, path: Path | None, where: str | None) -> None:
             raise c.fail(name, "expected a list of strings")
     if len(req.loc_prompts) != len(req.loc_answers):
         raise c.fail("loc_answers", f"{len(req.loc_answers)} answers for {len(req.loc_prompts)} loc_prompts")
+    if not isinstance(req.neighborhood_targets, list) or not all(
+        isinstance(v, str) for v in req.neighborhood_targets
+    ):
+        raise c.fail("neighborhood_targets", "expected a list of strings")
+    if req.neighborhood_targets and len(req.neighborhood_targets) != len(req.neighborhood_prompts):
+        raise c.fail(
+            "neighborhood_targets",
+            f"{len(req.neighborhood_targets)} targets for {len(req.neighborhood_prompts)} neighborhood_prompts",
+        )
 
 
 def _target(value: str) -> str:
@@ -405,18 +417,26 @@ def _counterfact_row(c: _Checker) -> EditRequest:
     loc_answers = [_target(a) for a in c.strings("loc_answers", required=False) or []]
     if len(loc_prompts) != len(loc_answers):
         raise c.fail("loc_answers", f"{len(loc_answers)} answers for {len(loc_prompts)} loc_prompts")
+    neighborhood_prompts = c.strings("neighborhood_prompts", required=False) or []
+    neighborhood_targets = [_target(t) for t in c.strings("neighborhood_targets", required=False) or []]
+    if neighborhood_targets and len(neighborhood_targets) != len(neighborhood_prompts):
+        raise c.fail(
+            "neighborhood_targets",
+            f"{len(neighborhood_targets)} targets for {len(neighborhood_prompts)} neighborhood_prompts",
+        )
     return EditRequest(
         prompt=prompt,
         subject=subject,
         target_new=_target(target_new),
         target_true=_target(target_true),
         paraphrase_prompts=c.strings("paraphrase_prompts", required=False) or [],
-        neighborhood_prompts=c.strings("neighborhood_prompts", required=False) or [],
+        neighborhood_prompts=neighborhood_prompts,
         generation_prompts=c.strings("generation_prompts", required=False) or [],
         case_id=c.case_id(),
         relation=relation,
         loc_prompts=loc_prompts,
         loc_answers=loc_answers,
+        neighborhood_targets=neighborhood_targets,
     )
 
 
@@ -426,7 +446,8 @@ def read_counterfact(path: str | os.PathLike) -> list[EditRequest]:
     Required: ``requested_rewrite.{prompt, subject, target_new.str, target_true.str}``;
     optional: ``case_id``, ``requested_rewrite.relation_id``, ``paraphrase_prompts``,
     ``neighborhood_prompts``, ``generation_prompts`` (default empty) and lethe's own
-    ``loc_prompts``/``loc_answers``. Targets are stripped of surrounding whitespace.
+    ``neighborhood_targets`` and ``loc_prompts``/``loc_answers``. Targets are stripped of
+    surrounding whitespace.
     """
     return _read(path, _counterfact_row)
 
@@ -571,7 +592,8 @@ def _validated(records: Iterable[Any], cls: type, check: Callable[[Any, int], No
 
 
 def write_counterfact(records: Iterable[EditRequest], path: str | os.PathLike) -> Path:
-    """Write CounterFact's layout (plus ``loc_prompts``/``loc_answers`` when present)."""
+    """Write CounterFact's layout (plus ``neighborhood_targets`` and ``loc_prompts``/
+    ``loc_answers`` when present)."""
     reqs = _validated(records, EditRequest, lambda r, i: _check_edit(r, None, f"record {i}"))
     for i, r in enumerate(reqs):
         if r.target_true is None:
@@ -593,6 +615,8 @@ def write_counterfact(records: Iterable[EditRequest], path: str | os.PathLike) -
             "neighborhood_prompts": r.neighborhood_prompts,
             "generation_prompts": r.generation_prompts,
         }
+        if r.neighborhood_targets:
+            obj["neighborhood_targets"] = r.neighborhood_targets
         if r.loc_prompts:
             obj["loc_prompts"] = r.loc_prompts
             obj["loc_answers"] = r.loc_answers

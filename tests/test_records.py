@@ -199,6 +199,8 @@ CF_BAD = [
     ("target type", cf_record(target_new={"str": 42}), "requested_rewrite.target_new.str", "expected a string, got int"),
     ("target not object", cf_record(target_new="English"), "requested_rewrite.target_new", "expected an object"),
     ("prompt type", cf_record(prompt=["{} is"]), "requested_rewrite.prompt", "expected a string, got list"),
+    ("neighbour targets", {**cf_record(), "neighborhood_targets": ["French"]}, "neighborhood_targets",
+     "1 targets for 2 neighborhood_prompts"),
 ]  # fmt: skip
 
 
@@ -307,6 +309,7 @@ def _edit(i: int) -> EditRequest:
         relation="born_in",
         loc_prompts=["Bera Lun was born in"],
         loc_answers=["Pellin"],
+        neighborhood_targets=["Pellin"],
     )
 
 
