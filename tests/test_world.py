@@ -235,3 +235,15 @@ def test_tokenizer_from_plain_words():
     tok = build_world_tokenizer(["alpha beta", "gamma ."], "gpt2")
     assert len(tok) == 1 + 4
     assert tok.decode(tok("beta gamma .")["input_ids"]) == "beta gamma ."
+
+
+def test_fingerprint_stable_across_processes(world):
+    """Cache keys must not depend on Python's per-process string hashing."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from lethe.world import World; print(World.generate(0).fingerprint())"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == world.fingerprint()
