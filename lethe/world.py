@@ -15,9 +15,11 @@ Conventions that other code relies on:
   the END of every template: ``"{} was born in"`` + ``" Velmora"``;
 * every text this module emits has its punctuation separated by spaces
   (``"Arlen Vosk was born in Velmora ."``), so word-level ``decode(encode(text)) == text``;
-* each relation's first ``n_train`` templates are used for training, the rest are
-  held-out paraphrases never seen in training;
-* neighbourhood prompts use the relation's first training template on up to five other
+* every fact is trained in ``n_train`` of its relation's templates and held out in the
+  others (its paraphrases). Which templates a fact trains on rotates from fact to fact, so
+  every phrasing is seen in training for other subjects but never for this fact: a
+  paraphrase tests whether knowledge generalises across phrasings, as CounterFact's do;
+* neighbourhood prompts use each neighbour's own first training template on up to five other
   subjects whose true object differs from both the fact's object and its counterfactual
   target; their true objects are reported next to them (``neighborhood_targets``), so
   neighbourhood is scored as "the neighbour still gets ITS object", not P(old) > P(new);
@@ -47,7 +49,7 @@ from lethe.records import (
 
 __all__ = ["SPLITS", "Fact", "Relation", "Subject", "World", "generate_world"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "unseen")
 N_NEIGHBOURS = 5
 N_PERTURBED = 3
@@ -64,14 +66,6 @@ class Relation:
     n_train: int
     question: str
     objects: tuple[str, ...]
-
-    @property
-    def train_templates(self) -> tuple[str, ...]:
-        return self.templates[: self.n_train]
-
-    @property
-    def heldout_templates(self) -> tuple[str, ...]:
-        return self.templates[self.n_train :]
 
 
 @dataclass(frozen=True)
@@ -94,6 +88,7 @@ class Fact:
     split: str
     counterfactual: str = ""
     neighbours: tuple[tuple[str, str], ...] = ()
+    rotation: int = 0  # the fact trains on templates[rotation : rotation + n_train] (cyclically)
 
 
 def _r(name, kind, templates, n_train, question, objects) -> Relation:
@@ -306,7 +301,9 @@ class World:
             counterfactual = rng.choice([x for x in rel[r].objects if x != o])
             pool = [(ns, no) for ns, no in train_by_rel[r] if ns != s and no not in (o, counterfactual)]
             neighbours = tuple(rng.sample(pool, min(N_NEIGHBOURS, len(pool))))
-            facts.append(Fact(s, r, o, "unseen" if i in unseen else "train", counterfactual, neighbours))
+            rotation = i % len(rel[r].templates)
+            facts.append(Fact(s, r, o, "unseen" if i in unseen else "train", counterfactual, neighbours,
+                              rotation))
         return cls(seed, relations, subjects, facts)
 
     @staticmethod
@@ -378,15 +375,27 @@ class World:
     # ------------------------------------------------------------------ prompts
 
     def training_prompts(self, fact: Fact) -> list[str]:
-        return [t.format(fact.subject) for t in self.relations[fact.relation].train_templates]
+        return [t.format(fact.subject) for t in self.train_templates(fact)]
 
     def paraphrase_prompts(self, fact: Fact) -> list[str]:
-        return [t.format(fact.subject) for t in self.relations[fact.relation].heldout_templates]
+        return [t.format(fact.subject) for t in self.heldout_templates(fact)]
+
+    def _rotated(self, fact: Fact) -> tuple[str, ...]:
+        t = self.relations[fact.relation].templates
+        k = fact.rotation % len(t)
+        return t[k:] + t[:k]
+
+    def train_templates(self, fact: Fact) -> tuple[str, ...]:
+        """The templates this fact is trained in."""
+        return self._rotated(fact)[: self.relations[fact.relation].n_train]
+
+    def heldout_templates(self, fact: Fact) -> tuple[str, ...]:
+        """The templates this fact is never trained in (its paraphrases)."""
+        return self._rotated(fact)[self.relations[fact.relation].n_train:]
 
     def neighbours_of(self, fact: Fact) -> list[tuple[str, str]]:
         """``(prompt, true object)`` for the fact's neighbourhood subjects."""
-        template = self.relations[fact.relation].train_templates[0]
-        return [(template.format(s), o) for s, o in fact.neighbours]
+        return [(self.train_templates(self.fact(s, fact.relation))[0].format(s), o) for s, o in fact.neighbours]
 
     def question(self, fact: Fact) -> str:
         return self.relations[fact.relation].question.format(fact.subject)
@@ -427,11 +436,10 @@ class World:
         """
         out = []
         for f in self._split_facts(split):
-            rel = self.relations[f.relation]
             neigh = self.neighbours_of(f)
             out.append(
                 EditRequest(
-                    prompt=rel.train_templates[0],
+                    prompt=self.train_templates(f)[0],
                     subject=f.subject,
                     target_new=f.counterfactual,
                     target_true=f.object,
@@ -469,12 +477,11 @@ class World:
         perturbed answers in the first held-out template (perturbed with wrong objects)."""
         out = []
         for f in self._split_facts(split):
-            rel = self.relations[f.relation]
-            para = rel.heldout_templates[0].format(f.subject)
+            para = self.heldout_templates(f)[0].format(f.subject)
             out.append(
                 QARecord(
                     question=self.question(f),
-                    answer=self.sentence(rel.train_templates[0].format(f.subject), f.object),
+                    answer=self.sentence(self.train_templates(f)[0].format(f.subject), f.object),
                     paraphrased_answer=self.sentence(para, f.object),
                     perturbed_answer=[self.sentence(para, o) for o in self.perturbed_objects(f)],
                 )
@@ -514,7 +521,7 @@ class World:
         subjects = [Subject(**s) for s in data["subjects"]]
         facts = [
             Fact(f["subject"], f["relation"], f["object"], f["split"], f["counterfactual"],
-                 tuple((s, o) for s, o in f["neighbours"]))
+                 tuple((s, o) for s, o in f["neighbours"]), f.get("rotation", 0))
             for f in data["facts"]
         ]  # fmt: skip
         return cls(data["seed"], relations, subjects, facts)

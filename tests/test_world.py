@@ -77,9 +77,16 @@ def kind_of(world: World, name: str) -> str:
 
 
 def test_templates(world):
+    for f in world.facts:
+        train, held = world.train_templates(f), world.heldout_templates(f)
+        assert train and held and not set(train) & set(held)
+        assert set(train) | set(held) == set(world.relations[f.relation].templates)
     for r in world.relations.values():
-        assert r.train_templates and r.heldout_templates
-        assert not set(r.train_templates) & set(r.heldout_templates)
+        # every phrasing is trained for some subjects and held out for others
+        facts = world.relation_facts(r.name, "train")
+        for t in r.templates:
+            assert any(t in world.train_templates(f) for f in facts)
+            assert any(t in world.heldout_templates(f) for f in facts)
         for t in r.templates:
             assert t.count("{}") == 1 and not t.endswith("{}")  # the object comes last, after the subject
     f = world.train_facts[0]
@@ -109,7 +116,8 @@ def test_counterfactual_and_neighbours(world):
             assert obj not in (f.object, f.counterfactual)
             neighbour = world.fact(subject, f.relation)
             assert neighbour.object == obj and neighbour.split == "train"
-        assert world.neighbours_of(f)[0][0] == rel.train_templates[0].format(f.neighbours[0][0])
+        first = f.neighbours[0][0]
+        assert world.neighbours_of(f)[0][0] == world.train_templates(world.fact(first, f.relation))[0].format(first)
         perturbed = world.perturbed_objects(f)
         assert len(set(perturbed)) == 3 and f.object not in perturbed
     assert sum(len(f.neighbours) == 5 for f in world.facts) == len(world.facts)
