@@ -1,0 +1,225 @@
+"""Forget / retain data for unlearning: plain texts or QA records, batched together.
+
+A training batch is ``{"forget": lm-batch, "retain": lm-batch}``; its length is the
+forget set's. Forget example i is paired with retain example ``perm[i mod R]`` (R = retain
+size, ``perm`` a permutation fixed by ``seed``), so a batch is a pure function of the forget
+indices: the shuffled order comes from the (distributed) sampler, which Lightning seeds
+and shards under DDP, and a resumed run sees exactly the batches an uninterrupted one
+would. QA records train on their answer tokens (the question is context).
+
+Evaluation sets for the forgetting callback: ``forget``, ``retain`` and ``unseen``
+(held-out text the model never saw -- the reference level for the stopping rule), each
+encoded the same way as training data.
+
+Bad input: an empty forget set is an error; forget/retain overlap is warned about with
+its size (and optionally removed from retain); sequences longer than ``max_length`` (or
+the model's context) are truncated with a warning, or rejected with ``on_long: error``.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.lm import ExampleDataset, collate_examples, load_examples
+from lethe import lm
+
+
+def _key(example: dict) -> tuple:
+    return (example.get("text"), example.get("prompt"), example.get("target"))
+
+
+class PairedDataset(Dataset):
+    """Forget example i with its fixed retain partner (or alone)."""
+
+    def __init__(self, forget: list[dict], retain: list[dict], seed: int) -> None:
+        self.forget, self.retain = forget, retain
+        self.perm = list(range(len(retain)))
+        random.Random(seed).shuffle(self.perm)
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"forget": {**self.forget[i], "index": i}}
+        if self.retain:
+            j = self.perm[i % len(self.retain)]
+            item["retain"] = {**self.retain[j], "index": j}
+        return item
+
+
+def _token_length(tokenizer, example: dict) -> int:
+    if "text" in example:
+        return len(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
+    return len(tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]) + len(
+        tokenizer(lm.target_text(example["target"]), add_special_tokens=False)["input_ids"]) + 1
+
+
+def collate_paired(items: list[dict], tokenizer, family: str, max_length: int | None, seed: int,
+                   add_eos: bool) -> dict:
+    enc = partial(collate_examples, tokenizer=tokenizer, family=family, max_length=max_length, seed=seed,
+                  add_eos=add_eos)
+    batch = {"forget": enc([it["forget"] for it in items])}
+    if "retain" in items[0]:
+        batch["retain"] = enc([it["retain"] for it in items])
+    return batch
+
+
+class ForgetRetainDataModule(L.LightningDataModule):
+    """Forget (+ retain, + unseen) examples for unlearning.
+
+    Args:
+        forget, retain, unseen: file path(s) of records of ``kind`` ("text", "tofu", "counterfact", "zsre").
+        forget_texts / retain_texts / unseen_texts: inline documents.
+        forget_pairs / retain_pairs / unseen_pairs: inline ``[prompt, target]`` pairs (QA).
+        batch_size: forget examples per step (each paired with one retain example).
+        eval_batch_size: batch size of the evaluation sets.
+        max_length: token limit (None: the model's context); longer sequences follow ``on_long``.
+        on_long: "truncate" (warn) or "error".
+        drop_overlap: remove retain examples that are also forget examples (always warned about).
+        add_eos: end QA answers with EOS (what a generator learned to stop on).
+        seed: retain pairing and MLM masks.
+    """
+
+    def __init__(
+        self,
+        forget: str | list[str] | None = None,
+        retain: str | list[str] | None = None,
+        unseen: str | list[str] | None = None,
+        kind: str = "text",
+        forget_texts: list[str] | None = None,
+        retain_texts: list[str] | None = None,
+        unseen_texts: list[str] | None = None,
+        forget_pairs: list[list[str]] | None = None,
+        retain_pairs: list[list[str]] | None = None,
+        unseen_pairs: list[list[str]] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        max_length: int | None = None,
+        on_long: str = "truncate",
+        drop_overlap: bool = False,
+        add_eos: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer: str | None = None,
+        family: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if on_long not in ("truncate", "error"):
+            raise ValueError(f"on_long={on_long!r}: use 'truncate' or 'error'")
+        self.tokenizer = None
+        self.family = family
+        self.max_len: int | None = max_length
+        self.sets: dict[str, list[dict]] = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def _resolve(self) -> None:
+        if self.tokenizer is not None:
+            return
+        module = None
+        if self.trainer is not None and getattr(self.trainer, "lightning_module", None) is not None:
+            module = self.trainer.lightning_module
+        if self.hparams.tokenizer:
+            from lethe.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        elif module is not None:
+            self.tokenizer = module.tokenizer
+        if module is not None:
+            self.family = self.family or module.family
+            ctx = _context_length(module.model)
+            if ctx is not None and (self.max_len is None or self.max_len > ctx):
+                if self.max_len is not None:
+                    warnings.warn(f"max_length={self.max_len} exceeds the model's context ({ctx}); using {ctx}",
+                                  stacklevel=2)
+                self.max_len = ctx
+        if self.tokenizer is None or self.family is None:
+            raise ValueError("ForgetRetainDataModule needs a tokenizer and a family: run it with a lethe module, or "
+                             "pass tokenizer= and family=")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sets:
+            return
+        self._resolve()
+        h = self.hparams
+        forget = load_examples(h.forget, h.kind, h.forget_texts, h.forget_pairs)
+        if not forget:
+            raise ValueError("the forget set is empty: give data.init_args.forget (files), forget_texts or "
+                             "forget_pairs")
+        retain = load_examples(h.retain, h.kind, h.retain_texts, h.retain_pairs)
+        unseen = load_examples(h.unseen, h.kind, h.unseen_texts, h.unseen_pairs)
+        keys = {_key(e) for e in forget}
+        overlap = [e for e in retain if _key(e) in keys]
+        if overlap:
+            action = "removed from retain" if h.drop_overlap else "kept (set drop_overlap: true to remove them)"
+            warnings.warn(f"{len(overlap)} of {len(retain)} retain examples also appear in the forget set; "
+                          f"{action}", stacklevel=2)
+            if h.drop_overlap:
+                retain = [e for e in retain if _key(e) not in keys]
+        for name, examples in (("forget", forget), ("retain", retain), ("unseen", unseen)):
+            self._check_lengths(name, examples)
+        self.sets = {"forget": forget, "retain": retain, "unseen": unseen}
+
+    def _check_lengths(self, name: str, examples: list[dict]) -> None:
+        if self.max_len is None:
+            return
+        long = [i for i, e in enumerate(examples) if _token_length(self.tokenizer, e) > self.max_len]
+        if not long:
+            return
+        msg = (f"{len(long)} {name} example(s) are longer than {self.max_len} tokens (first: #{long[0]}): "
+               f"{'they are truncated' if self.hparams.on_long == 'truncate' else 'on_long=error'}")
+        if self.hparams.on_long == "error":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+
+    @property
+    def has_retain(self) -> bool:
+        return bool(self.sets.get("retain"))
+
+    # ------------------------------------------------------------------ loaders
+
+    def _collate(self):
+        h = self.hparams
+        return partial(collate_examples, tokenizer=self.tokenizer, family=self.family, max_length=self.max_len,
+                       seed=h.seed, add_eos=h.add_eos)
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        ds = PairedDataset(self.sets["forget"], self.sets["retain"], h.seed)
+        collate = partial(collate_paired, tokenizer=self.tokenizer, family=self.family, max_length=self.max_len,
+                          seed=h.seed, add_eos=h.add_eos)
+        return DataLoader(ds, batch_size=h.batch_size, shuffle=True, collate_fn=collate, num_workers=h.num_workers,
+                          generator=torch.Generator().manual_seed(h.seed))
+
+    def eval_batches(self, name: str, rank: int = 0, world_size: int = 1, limit: int | None = None) -> list[dict]:
+        """This process's shard (every world_size-th example, no duplicates) of an evaluation set, batched."""
+        self.setup()
+        examples = (self.sets.get(name) or [])[:limit]
+        mine = [{**e, "index": i} for i, e in enumerate(examples)][rank::world_size]
+        collate = self._collate()
+        bs = self.hparams.eval_batch_size
+        return [collate(mine[s:s + bs]) for s in range(0, len(mine), bs)]
+
+    def eval_loader(self, name: str) -> DataLoader:
+        return DataLoader(ExampleDataset(self.sets[name]), batch_size=self.hparams.eval_batch_size,
+                          collate_fn=self._collate())
+
+
+def _context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    from lethe.adapters import unwrap
+
+    cfg = getattr(unwrap(model), "config", cfg)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
