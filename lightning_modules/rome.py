@@ -311,8 +311,8 @@ class ROMEEditor:
     name = "rome"
 
     def __init__(self, hparams: ROMEHyperParams | dict | str | None = None, cache_dir: str | None = None,
-                 progress: bool = True, **overrides) -> None:
-        self.hp = hparams_from(hparams, **overrides)
+                 progress: bool = True, overrides: dict | None = None) -> None:
+        self.hp = hparams_from(hparams, **(overrides or {}))
         self.cache_dir = cache_dir
         self.progress = progress
         self._prefixes: dict[int, list[str]] = {}

@@ -1,0 +1,130 @@
+"""The edit-evaluation callback every editing method reports through.
+
+Before each batch of requests is edited it records the pre-edit scores and the pre-edit
+top-1 predictions on the locality prompts; after the edit it scores the same requests
+(both protocols, each number named by its protocol), logs them to the trainer's loggers,
+and keeps the per-case results. At the end it logs the means, and, for a sequential run,
+scores every request again on the final model (what survives later edits), writes
+``edit_results.json`` into the run folder (atomically) and a PNG of the running efficacy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from lethe import evaluation as ev
+from lethe.io import write_json
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+class EditEvaluation(L.Callback):
+    """Args: protocols — any of "counterfact", "token_accuracy"; final — rescore all requests at the end
+    of a sequential run; batch_size — scoring batch size; plot — save the running-efficacy PNG."""
+
+    def __init__(self, protocols: Sequence[str] = ("counterfact", "token_accuracy"), final: bool = True,
+                 batch_size: int = 64, plot: bool = True) -> None:
+        unknown = set(protocols) - {ev.COUNTERFACT, ev.TOKEN_ACCURACY}
+        if unknown:
+            raise ValueError(f"unknown evaluation protocols {sorted(unknown)}")
+        self.protocols = list(protocols)
+        self.final = final
+        self.batch_size = batch_size
+        self.plot = plot
+        self.rows: list[dict] = []
+        self.requests: list = []
+        self._pre: dict = {}
+        self.results: dict = {}
+
+    def _score(self, module, requests, pre_loc=None) -> dict:
+        out = {}
+        if ev.COUNTERFACT in self.protocols:
+            out[ev.COUNTERFACT] = ev.counterfact_scores(module.model, module.tokenizer, module.family, requests,
+                                                        batch_size=self.batch_size)
+        if ev.TOKEN_ACCURACY in self.protocols:
+            out[ev.TOKEN_ACCURACY] = ev.token_accuracy_scores(module.model, module.tokenizer, module.family,
+                                                              requests, pre_loc, batch_size=self.batch_size)
+        return out
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if getattr(pl_module, "skip_batch", lambda i: False)(batch_idx):
+            self._pre = {}
+            return
+        self._pre = {"scores": self._score(pl_module, batch),
+                     "loc": ev.locality_reference(pl_module.model, pl_module.tokenizer, pl_module.family, batch,
+                                                  self.batch_size)
+                     if ev.TOKEN_ACCURACY in self.protocols else None}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._pre:
+            return
+        post = self._score(pl_module, batch, self._pre["loc"])
+        metrics = {}
+        for proto, scores in post.items():
+            for k, v in ev.summary(scores).items():
+                metrics[f"edit/{k}"] = v
+            for k, v in ev.summary(self._pre["scores"][proto]).items():
+                metrics[f"pre/{k}"] = v
+        for i, req in enumerate(batch):
+            row = {"batch": batch_idx, "case_id": req.case_id, "subject": req.subject,
+                   "target_new": req.target_new}
+            for proto, scores in post.items():
+                for k, v in scores.items():
+                    if k.endswith("_per_case"):
+                        row[f"{proto}/{k.removesuffix('_per_case')}"] = v[i]
+            self.rows.append(row)
+        self.requests += list(batch)
+        self._pre = {}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=len(self.rows))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not self.rows:
+            return
+        keys = [k for k in self.rows[0] if "/" in k]
+        summary = {f"edit_mean/{k}": _mean([r.get(k) for r in self.rows]) for k in keys}
+        final = {}
+        if self.final and getattr(pl_module, "sequential", False) and len(self.requests) > 1:
+            for scores in self._score(pl_module, self.requests).values():
+                final.update({f"final/{k}": v for k, v in ev.summary(scores).items()})
+        self.results = {**summary, **final}
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in self.results.items() if v is not None}, step=len(self.rows))
+            logger.save()
+        out_dir = Path(trainer.default_root_dir)
+        if trainer.is_global_zero:
+            write_json(out_dir / "edit_results.json", {"summary": self.results, "cases": self.rows})
+            if self.plot:
+                self._plot(out_dir / "edit_efficacy.png", trainer)
+
+    def _plot(self, path: Path, trainer) -> None:
+        key = next((k for k in ("counterfact/efficacy", "token_accuracy/efficacy_acc") if k in self.rows[0]), None)
+        if key is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from lethe.io import atomic_path
+
+        vals = [r[key] or 0.0 for r in self.rows]
+        running = [sum(vals[: i + 1]) / (i + 1) for i in range(len(vals))]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot(range(1, len(vals) + 1), running, label=f"running mean {key}")
+        ax.set_xlabel("requests edited")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(loc="lower left")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="edit_efficacy", images=[str(path)])

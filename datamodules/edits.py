@@ -1,0 +1,82 @@
+"""Edit requests as a datamodule, so ``lethe edit`` reads them like any Lightning job reads data.
+
+Sources:
+- a file of records (``kind``: counterfact or zsre; validated by ``lethe.records``, errors name
+  the file, record and field);
+- ``world`` / ``world:<split>``: the synthetic world's CounterFact-style requests
+  (``lethe.world_models.load_world().to_counterfact(split)``), or its zsRE form with kind=zsre;
+- ``real_facts``: the bundled real facts (``lethe/data/real_facts.json``) for real models.
+
+Each batch is a plain list of ``EditRequest`` (the editor needs the text, not tensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lethe.records import EditRequest, read_records
+
+REAL_FACTS = Path(__file__).resolve().parents[1] / "lethe" / "data" / "real_facts.json"
+
+
+def load_requests(source: str, kind: str = "counterfact", limit: int | None = None, offset: int = 0,
+                  seed: int | None = None) -> list[EditRequest]:
+    """Requests from a file, the world (``world[:split]``) or ``real_facts``; optionally shuffled, then cut."""
+    if source == "world" or source.startswith("world:"):
+        from lethe.world_models import load_world
+
+        split = source.split(":", 1)[1] if ":" in source else "train"
+        world = load_world()
+        reqs = world.to_zsre(split) if kind == "zsre" else world.to_counterfact(split)
+    elif source == "real_facts":
+        reqs = read_records(REAL_FACTS, "counterfact")
+    else:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"edit requests: {source} does not exist (a file of {kind} records, "
+                                    "'world[:split]' or 'real_facts')")
+        reqs = read_records(source, kind)
+    if seed is not None:
+        import random
+
+        reqs = list(reqs)
+        random.Random(seed).shuffle(reqs)
+    reqs = list(reqs)[offset:]
+    if limit is not None:
+        reqs = reqs[:limit]
+    if not reqs:
+        raise ValueError(f"edit requests: {source} gave no requests (offset={offset}, limit={limit})")
+    return reqs
+
+
+def _as_list(items: list) -> list:
+    return list(items)
+
+
+class EditDataModule(L.LightningDataModule):
+    """Batches of edit requests for ``trainer.test`` (one batch = the requests of one editor call).
+
+    Args:
+        source: a record file, ``world[:split]`` or ``real_facts``.
+        kind: counterfact or zsre (how a file is read; with the world, which form is built).
+        limit / offset / seed: take ``limit`` requests from ``offset`` (after a seeded shuffle if given).
+        batch_size: requests per editor call (1 = one edit at a time).
+    """
+
+    def __init__(self, source: str = "world:train", kind: str = "counterfact", limit: int | None = None,
+                 offset: int = 0, seed: int | None = None, batch_size: int = 1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.requests: list[EditRequest] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.requests:
+            h = self.hparams
+            self.requests = load_requests(h.source, h.kind, h.limit, h.offset, h.seed)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.requests, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=_as_list)
+
+    predict_dataloader = test_dataloader

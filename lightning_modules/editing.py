@@ -1,0 +1,138 @@
+"""The edit job as a LightningModule, run by ``trainer.test``: Lightning's progress bar, loggers and
+callbacks (the edit-evaluation callback) serve every editing method.
+
+Each test batch is one call of the editor. ``sequential=True`` keeps every edit (the model
+accumulates them; the running sum is saved as an artifact after every ``save_every``
+batches, so an interrupted run resumes from it with ``resume=True``); ``sequential=False``
+reverts each edit after it has been evaluated, so every batch meets the original model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from lethe.edits import EditArtifact
+from lethe.io import write_json
+from lethe.models import LoadedModel
+from lightning_modules.base import ModelModule
+
+ARTIFACT_DIR = "edit_artifact"
+MODEL_DIR = "edited_model"
+
+
+def build_editor(editor: str, editor_args: dict | None = None):
+    """An editor from a registry name (``lethe.edit_cli.EDITORS``) or a ``module:Class`` / dotted path."""
+    from lethe.edit_cli import EDITORS
+
+    target = EDITORS.get(editor, editor)
+    if ":" in target:
+        mod, cls = target.split(":")
+    elif "." in target:
+        mod, cls = target.rsplit(".", 1)
+    else:
+        raise ValueError(f"unknown editor {editor!r}; registered: {sorted(EDITORS)} (or give module:Class)")
+    return getattr(importlib.import_module(mod), cls)(**(editor_args or {}))
+
+
+class EditingModule(ModelModule):
+    """Args: model — what to edit; editor / editor_args — the method; sequential — keep edits (True) or
+    revert each after evaluation; evaluate — EditEvaluation's arguments; save_model — save the edited
+    model at the end; save_every — artifact checkpoint period in batches; resume — continue a sequential
+    run from the run folder's artifact."""
+
+    def __init__(self, model: str, editor: str = "rome", editor_args: dict | None = None, sequential: bool = True,
+                 evaluate: dict | None = None, save_model: bool = True, save_every: int = 1, resume: bool = True,
+                 dtype: str = "float32", trust_remote_code: bool = False, tokenizer: str | None = None) -> None:
+        super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.save_hyperparameters()
+        self.editor = build_editor(editor, editor_args)
+        self.sequential = sequential
+        self.artifacts: list[EditArtifact] = []
+        self.total: EditArtifact | None = None
+        self._done_batches = 0
+        self._pending_revert: EditArtifact | None = None
+        self.automatic_optimization = False
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return LoadedModel(self.model, self.tokenizer, self.adapter, self.family, self.model_source)
+
+    def configure_callbacks(self):
+        from callbacks.edit_eval import EditEvaluation
+
+        if any(isinstance(c, EditEvaluation) for c in self.trainer.callbacks):
+            return []
+        return [EditEvaluation(**(self.hparams.evaluate or {}))]
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # requests are text
+
+    def out_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def skip_batch(self, batch_idx: int) -> bool:
+        return batch_idx < self._done_batches
+
+    def on_test_start(self) -> None:
+        path = self.out_dir() / ARTIFACT_DIR
+        if self.sequential and self.hparams.resume and path.is_dir():
+            total = EditArtifact.load(path)
+            if total.meta.get("model_source") not in (None, self.model_source) or \
+                    total.meta.get("editor") != self.hparams.editor:
+                raise ValueError(f"{path} holds a run of another model or editor; remove it or set resume=false")
+            total.apply(self.model, check_base=False)
+            self.total = total
+            self._done_batches = int(total.meta.get("completed_batches", 0))
+            print(f"resuming a sequential edit run: {self._done_batches} batches already applied from {path}")
+
+    def test_step(self, batch, batch_idx):
+        if self.skip_batch(batch_idx):
+            return
+        art = self.editor.edit(self.loaded, batch)
+        if self.sequential:
+            self.artifacts.append(art)
+            self.total = art if self.total is None else EditArtifact.combine([self.total, art])
+            self._done_batches = batch_idx + 1
+            if self._done_batches % max(1, self.hparams.save_every) == 0:
+                self._save_total()
+        else:
+            self._pending_revert = art
+            self.artifacts.append(art)
+        return
+
+    def on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # runs after the callbacks' on_test_batch_end, i.e. after the edit was evaluated
+        if self._pending_revert is not None:
+            self._pending_revert.revert(self.model)
+            self._pending_revert = None
+
+    def _save_total(self) -> None:
+        if self.total is None or not self.trainer.is_global_zero:
+            return
+        self.total.meta.update(completed_batches=self._done_batches, editor=self.hparams.editor,
+                               model_source=self.model_source)
+        self.total.save(self.out_dir() / ARTIFACT_DIR)
+
+    def on_test_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        out = self.out_dir()
+        if self.sequential:
+            self._save_total()
+            if self.hparams.save_model and self.total is not None:
+                self.save_model(out / MODEL_DIR)
+        else:
+            for i, art in enumerate(self.artifacts):
+                art.meta.update(editor=self.hparams.editor, model_source=self.model_source)
+                art.save(out / "edit_artifacts" / f"{i:05d}")
+        write_json(out / "edit_job.json", {"editor": self.hparams.editor, "model": self.model_source,
+                                           "sequential": self.sequential, "batches": len(self.artifacts)})
+
+    def configure_optimizers(self):
+        return None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return super().forward(batch)
