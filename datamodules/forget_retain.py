@@ -23,8 +23,7 @@ import warnings
 from functools import partial
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.lm import ExampleDataset, collate_examples, load_examples
 from lethe import lm
@@ -195,8 +194,13 @@ class ForgetRetainDataModule(L.LightningDataModule):
         ds = PairedDataset(self.sets["forget"], self.sets["retain"], h.seed)
         collate = partial(collate_paired, tokenizer=self.tokenizer, family=self.family, max_length=self.max_len,
                           seed=h.seed, add_eos=h.add_eos)
-        return DataLoader(ds, batch_size=h.batch_size, shuffle=True, collate_fn=collate, num_workers=h.num_workers,
-                          generator=torch.Generator().manual_seed(h.seed))
+        # A DistributedSampler even on one process: its order is a function of (seed, epoch) -- Lightning calls
+        # set_epoch -- so a resumed run replays the same epochs, and under DDP each rank gets its own shard.
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=h.seed)
+        return DataLoader(ds, batch_size=h.batch_size, sampler=sampler, collate_fn=collate, num_workers=h.num_workers)
 
     def eval_batches(self, name: str, rank: int = 0, world_size: int = 1, limit: int | None = None) -> list[dict]:
         """This process's shard (every world_size-th example, no duplicates) of an evaluation set, batched."""
