@@ -318,6 +318,7 @@ class ROMEEditor:
         self._prefixes: dict[int, list[str]] = {}
         self._cov: dict[tuple, torch.Tensor] = {}
         self.last_stats: list[dict] = []
+        self.last_vectors: list[dict[str, torch.Tensor]] = []  # k*, δ, v₀ of the last call (for inspection)
 
     def covariance(self, loaded) -> torch.Tensor:
         hp = self.hp
@@ -358,7 +359,7 @@ class ROMEEditor:
         cov = self.covariance(loaded)
         prefixes = self.prefixes(loaded)
         before = EditArtifact.snapshot(model, [pname])
-        self.last_stats = []
+        self.last_stats, self.last_vectors = [], []
         for req in requests:
             t0 = time.perf_counter()
             k_star = compute_keys(model, tok, adapter, family, [req], layer, hp.stack, prefixes)[0]
@@ -367,6 +368,7 @@ class ROMEEditor:
             with torch.no_grad():
                 w = adapter.weight_out_in(module)
                 w.add_(dw.to(w.device, w.dtype))
+            self.last_vectors.append({"k_star": k_star, "delta": out["delta"], "v_init": out["v_init"]})
             self.last_stats.append({"case_id": req.case_id, "v_loss": out["loss"], "v_steps": out["steps"],
                                     "delta_norm": float(out["delta"].norm()), "update_norm": float(dw.norm()),
                                     "seconds": time.perf_counter() - t0})
