@@ -37,12 +37,13 @@ class ForgettingTracker(L.Callback):
         stop: apply the stopping rule.
         thresholds: ``{"ma": x, "el": y}`` to use instead of measuring the unseen set at the start.
         max_examples: evaluate at most this many examples of each set (None: all).
+        max_prefixes: EL_n from at most this many evenly spaced prefixes per sequence (long passages).
         report_dir: where the PNG/JSON go (default: the trainer's root dir).
     """
 
     def __init__(self, every_n_steps: int = 10, n: int = 10, stop: bool = True,
                  thresholds: dict[str, float] | None = None, max_examples: int | None = None,
-                 report_dir: str | None = None, report: bool = True) -> None:
+                 max_prefixes: int | None = None, report_dir: str | None = None, report: bool = True) -> None:
         super().__init__()
         self.every_n_steps = every_n_steps
         self.n = n
@@ -50,6 +51,7 @@ class ForgettingTracker(L.Callback):
         self.given_thresholds = dict(thresholds) if thresholds else None
         self.thresholds: dict[str, float] | None = self.given_thresholds
         self.max_examples = max_examples
+        self.max_prefixes = max_prefixes
         self.report_dir = report_dir
         self.report = report
         self.history: list[dict[str, Any]] = []
@@ -71,7 +73,8 @@ class ForgettingTracker(L.Callback):
             dev = pl_module.device
             el = ExtractionLikelihood(self.n).to(dev) if family == "decoder" else None
             scores = memorisation_scores(pl_module.model, batches, family, self.n, pad,
-                                         ma=MemorizationAccuracy().to(dev), el=el, ppl=Perplexity().to(dev))
+                                         ma=MemorizationAccuracy().to(dev), el=el, ppl=Perplexity().to(dev),
+                                         max_prefixes=self.max_prefixes)
             for k, v in scores.items():
                 out[f"{name}/{k}"] = v
         return out

@@ -110,8 +110,12 @@ def ngram_overlap(generated: list[int], true: list[int], n: int) -> float:
 
 
 def extraction_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                        n: int) -> list[list[tuple[list[int], list[int], int]]]:
-    """For each sequence: the (prefix ids, true suffix ids, n_eff) pairs EL_n averages over (decoders)."""
+                        n: int, max_prefixes: int | None = None) -> list[list[tuple[list[int], list[int], int]]]:
+    """For each sequence: the (prefix ids, true suffix ids, n_eff) pairs EL_n averages over (decoders).
+
+    ``max_prefixes`` keeps that many evenly spaced prefixes per sequence (an estimate of EL_n
+    for long passages, where continuing every prefix would cost O(T^2) generated tokens).
+    """
     out = []
     for ids, att, lab in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist()):
         length = sum(att)
@@ -126,6 +130,9 @@ def extraction_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, l
                 rows = [(ids[:c], ids[c:end], n) for c in long_enough]
             else:
                 rows = [(ids[:c], ids[c:end], min(n, end - c)) for c in cuts]
+            if max_prefixes is not None and len(rows) > max_prefixes:
+                step = len(rows) / max_prefixes
+                rows = [rows[int(i * step)] for i in range(max_prefixes)]
         out.append(rows)
     return out
 
@@ -170,11 +177,12 @@ def el_from_continuations(rows: list[list[tuple[list[int], list[int], int]]],
 
 
 def extraction_likelihood(model, batch: dict[str, torch.Tensor], n: int, pad_id: int,
-                          family: str = "decoder") -> torch.Tensor:
+                          family: str = "decoder", max_prefixes: int | None = None) -> torch.Tensor:
     """Per-sequence EL_n of a batch (one batched generate for all its prefixes)."""
     if family != "decoder":
         raise ValueError(f"EL_n is defined for decoder (causal) models; this is a {family} model -- use MA")
-    rows = extraction_prefixes(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["labels"].cpu(), n)
+    rows = extraction_prefixes(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["labels"].cpu(), n,
+                               max_prefixes)
     flat = [r for seq in rows for r in seq]
     conts = greedy_continuations(model, [p for p, _, _ in flat], [len(s) for _, s, _ in flat], pad_id)
     return el_from_continuations(rows, conts)
@@ -183,7 +191,7 @@ def extraction_likelihood(model, batch: dict[str, torch.Tensor], n: int, pad_id:
 @torch.no_grad()
 def memorisation_scores(model, batches, family: str, n: int | None, pad_id: int,
                         ma: MemorizationAccuracy | None = None, el: ExtractionLikelihood | None = None,
-                        ppl: Perplexity | None = None) -> dict[str, float]:
+                        ppl: Perplexity | None = None, max_prefixes: int | None = None) -> dict[str, float]:
     """MA / EL_n / perplexity over an iterable of batches (updates and computes the given metrics)."""
     ma = ma if ma is not None else MemorizationAccuracy()
     ppl = ppl if ppl is not None else Perplexity()
@@ -200,7 +208,7 @@ def memorisation_scores(model, batches, family: str, n: int | None, pad_id: int,
             ma.update(logits, batch["labels"], family)
             ppl.update(logits, batch["labels"], family)
             if el is not None:
-                el.update(extraction_likelihood(model, batch, el.n, pad_id, family))
+                el.update(extraction_likelihood(model, batch, el.n, pad_id, family, max_prefixes))
     finally:
         model.train(was_training)
     out = {"ma": float(ma.compute()), "ppl": float(ppl.compute())}

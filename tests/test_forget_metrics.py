@@ -1,0 +1,154 @@
+"""MA, EL_n and perplexity: hand-computed values, batched == one-by-one, 1 process == 2 processes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lethe import lm
+from lethe.metrics import (
+    ExtractionLikelihood,
+    MemorizationAccuracy,
+    Perplexity,
+    el_from_continuations,
+    extraction_likelihood,
+    extraction_prefixes,
+    memorisation_scores,
+    ngram_overlap,
+)
+from lethe.testing import save_tiny, tiny_model
+
+IG = lm.IGNORE
+
+
+def test_ngram_overlap_by_hand():
+    assert ngram_overlap([1, 2, 3, 4], [1, 2, 3, 4], 2) == 1.0
+    # bigrams of gen: (1,2),(2,9),(9,4) ; true bigrams: (1,2),(2,3),(3,4) -> 1/3
+    assert ngram_overlap([1, 2, 9, 4], [1, 2, 3, 4], 2) == pytest.approx(1 / 3)
+    assert ngram_overlap([5, 6], [1, 2], 1) == 0.0
+    assert ngram_overlap([1], [1, 2], 2) == 0.0  # no n-gram to score
+
+
+def test_extraction_prefixes_follow_jang_and_short_rule():
+    ids = torch.tensor([[0, 11, 12, 13, 14, 15, 99]])  # BOS + 5 target tokens + pad
+    att = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    lab = torch.tensor([[IG, 11, 12, 13, 14, 15, IG]])
+    rows = extraction_prefixes(ids, att, lab, n=2)[0]
+    # prefixes x_<t for t with |suffix| >= 2: [BOS], [BOS,11], [BOS,11,12], [BOS,11,12,13]
+    assert [p for p, _, _ in rows] == [[0], [0, 11], [0, 11, 12], [0, 11, 12, 13]]
+    assert [s for _, s, _ in rows] == [[11, 12, 13, 14, 15], [12, 13, 14, 15], [13, 14, 15], [14, 15]]
+    assert {k for _, _, k in rows} == {2}
+    short = extraction_prefixes(ids, att, lab, n=10)[0]  # too short for a 10-gram: n_eff = |suffix|
+    assert [k for _, _, k in short] == [5, 4, 3, 2, 1]
+    # QA: the question is context, prefixes start at the answer
+    qa = extraction_prefixes(torch.tensor([[7, 8, 21, 22, 23]]), torch.ones(1, 5, dtype=torch.long),
+                             torch.tensor([[IG, IG, 21, 22, 23]]), n=2)[0]
+    assert [p for p, _, _ in qa] == [[7, 8], [7, 8, 21]]
+    assert len(extraction_prefixes(ids, att, lab, n=1, max_prefixes=2)[0]) == 2
+
+
+def test_el_by_hand():
+    ids = torch.tensor([[0, 11, 12, 13, 14]])
+    rows = extraction_prefixes(ids, torch.ones_like(ids), torch.tensor([[IG, 11, 12, 13, 14]]), n=2)
+    # continuations for prefixes [0] | [0,11] | [0,11,12]; true suffixes 11 12 13 14 | 12 13 14 | 13 14
+    conts = [[11, 12, 13, 99], [12, 13, 14], [5, 6]]
+    el = el_from_continuations(rows, conts)
+    assert el.tolist() == pytest.approx([(2 / 3 + 1.0 + 0.0) / 3])
+    assert math.isnan(el_from_continuations([[]], []).item())
+
+
+def test_ma_and_perplexity_by_hand():
+    vocab = 5
+    labels = torch.tensor([[IG, 1, 2, 3], [IG, 4, 4, IG]])
+    logits = torch.zeros(2, 4, vocab)
+    # decoder: logits at position i predict labels[i+1]
+    logits[0, 0, 1] = 5  # right
+    logits[0, 1, 0] = 5  # wrong (2)
+    logits[0, 2, 3] = 5  # right
+    logits[1, 0, 4] = 5  # right
+    logits[1, 1, 1] = 5  # wrong
+    ma = MemorizationAccuracy()
+    ma.update(logits, labels, "decoder")
+    assert ma.compute().item() == pytest.approx((2 / 3 + 1 / 2) / 2)
+    ppl = Perplexity()
+    ppl.update(torch.zeros(2, 4, vocab), labels, "decoder")  # uniform -> perplexity = vocab size
+    assert ppl.compute().item() == pytest.approx(vocab)
+
+
+def _greedy_one(model, prefix: list[int], k: int) -> list[int]:
+    ids = torch.tensor([prefix])
+    for _ in range(k):
+        nxt = model(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return ids[0, len(prefix):].tolist()
+
+
+def test_batched_generate_matches_one_by_one():
+    """One left-padded generate for all prefixes == greedy decoding of each prefix alone, unpadded."""
+    model = tiny_model("gpt2")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 90, (3, 9), generator=g)
+    att = torch.ones_like(ids)
+    att[1, 6:] = 0
+    att[2, 4:] = 0
+    labels = ids.masked_fill(att == 0, IG)
+    batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
+    got = extraction_likelihood(model, batch, n=2, pad_id=0)
+    rows = extraction_prefixes(ids, att, labels, n=2)
+    with torch.no_grad():
+        conts = [_greedy_one(model, p, len(s)) for seq in rows for p, s, _ in seq]
+    want = el_from_continuations(rows, conts)
+    assert torch.allclose(got, want)
+
+
+# ---------------------------------------------------------------------- 1 vs 2 processes
+
+
+def _texts(k: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(40)}" for _ in range(rng.randrange(5, 9))) for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny("gpt2", tmp_path_factory.mktemp("m") / "gpt2"))
+
+
+def test_metrics_same_on_one_and_two_processes(tiny_dir, tmp_path):
+    from callbacks.forgetting import ForgettingTracker
+    from datamodules.forget_retain import ForgetRetainDataModule
+    from lightning_modules.unlearning import UnlearningModule
+
+    data = dict(forget_texts=_texts(5, 0), retain_texts=_texts(7, 1), unseen_texts=_texts(3, 2), batch_size=2,
+                eval_batch_size=2)
+    # one process, no trainer: the whole of each set
+    module = UnlearningModule(tiny_dir, method="ga", lr=0.0)
+    dm = ForgetRetainDataModule(**data)
+    dm.tokenizer, dm.family = module.tokenizer, "decoder"
+    dm.setup()
+    single = {name: memorisation_scores(module.model, dm.eval_batches(name), "decoder", 3, 0)
+              for name in ("forget", "retain", "unseen")}
+    # two processes (gloo, ddp_spawn): each scores its shard, torchmetrics reduces
+    tracker = ForgettingTracker(every_n_steps=100, n=3, stop=False, report_dir=str(tmp_path))
+    trainer = L.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[tracker])
+    trainer.fit(UnlearningModule(tiny_dir, method="ga", lr=0.0), ForgetRetainDataModule(**data))
+    first = json.loads((tmp_path / "forgetting.json").read_text())["history"][0]
+    for name, scores in single.items():
+        for key, value in scores.items():
+            assert first[f"{name}/{key}"] == pytest.approx(value, rel=1e-5), (name, key)
+
+
+def test_extraction_metric_rejects_non_decoders():
+    with pytest.raises(ValueError, match="decoder"):
+        extraction_likelihood(None, {}, 2, 0, family="mlm")
+    el = ExtractionLikelihood(2)
+    el.update(torch.tensor([0.5, float("nan"), 1.0]))
+    assert el.compute().item() == pytest.approx(0.75)
