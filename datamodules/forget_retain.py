@@ -52,6 +52,45 @@ class PairedDataset(Dataset):
         return item
 
 
+class ResumableSampler(DistributedSampler):
+    """A seeded, epoch-wise shuffling sampler that can start an epoch part-way (for resumed runs)."""
+
+    skip = 0
+
+    def __iter__(self):
+        idx = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(idx[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """Counts the batches it served this epoch and, restored from a checkpoint, skips them.
+
+    Lightning saves ``state_dict()`` of a stateful train loader into the checkpoint and calls
+    ``load_state_dict`` on resume, so a run killed mid-epoch continues with the very batch an
+    uninterrupted run would have seen next.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._resume = 0
+
+    def __iter__(self):
+        skip, self._resume = self._resume, 0
+        self.sampler.skip = skip * self.batch_size
+        self._served = skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = int(state.get("batches_served", 0))
+
+
 def _token_length(tokenizer, example: dict) -> int:
     if "text" in example:
         return len(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
@@ -199,8 +238,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=h.seed)
-        return DataLoader(ds, batch_size=h.batch_size, sampler=sampler, collate_fn=collate, num_workers=h.num_workers)
+        sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=h.seed)
+        return ResumableLoader(ds, batch_size=h.batch_size, sampler=sampler, collate_fn=collate,
+                               num_workers=h.num_workers)
 
     def eval_batches(self, name: str, rank: int = 0, world_size: int = 1, limit: int | None = None) -> list[dict]:
         """This process's shard (every world_size-th example, no duplicates) of an evaluation set, batched."""

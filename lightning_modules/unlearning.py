@@ -130,6 +130,7 @@ class UnlearningModule(ModelModule):
             for m in self.model.modules():
                 if isinstance(m, nn.Dropout):
                     m.p = 0.0
+        self.model.train()  # dropout is off (above); train mode only matters to modules that check it
         self.rmu_layer_name: str | None = None
         if self.forget_loss == "rmu":
             stack = rmu_stack or self.adapter.default_stack

@@ -1,0 +1,233 @@
+"""Unlearning losses, LoRA, reference sharing, resume and bad input, on tiny models."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from callbacks.forgetting import ForgettingTracker
+from datamodules.forget_retain import ForgetRetainDataModule
+from lethe import lm
+from lethe.testing import save_tiny
+from lightning_modules import unlearning_losses as UL
+from lightning_modules.unlearning import METHODS, UnlearningConfigError, UnlearningModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _texts(k: int, seed: int, lo: int = 6, hi: int = 10) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(60)}" for _ in range(rng.randrange(lo, hi))) for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {t: str(save_tiny(t, root / t)) for t in ("gpt2", "bert", "t5")}
+
+
+def _batch(module: UnlearningModule, texts: list[str]) -> dict:
+    return lm.encode_texts(module.tokenizer, module.family, texts, seed=0)
+
+
+def _train(module: UnlearningModule, batch: dict, steps: int) -> None:
+    opt = module.configure_optimizers()
+    module.model.train()
+    for _ in range(steps):
+        loss, _ = module.compute_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _nll(module, batch) -> float:
+    with torch.no_grad():
+        return lm.lm_loss(lm.forward_logits(module.model, batch, module.family), batch["labels"],
+                          module.family).item()
+
+
+@pytest.mark.parametrize("method", ["ga", "graddiff", "ga_kl", "npo", "simnpo"])
+def test_each_loss_raises_forget_nll(tiny, method):
+    m = UnlearningModule(tiny["gpt2"], method=method, lr=3e-3)
+    forget, retain = _batch(m, _texts(4, 0)), _batch(m, _texts(4, 1))
+    batch = {"forget": forget, "retain": retain}
+    f0, r0 = _nll(m, forget), _nll(m, retain)
+    _train(m, batch, 5)
+    assert _nll(m, forget) > f0 + 0.05
+    if method == "graddiff":  # the descent half keeps retain from rising as fast as forget
+        assert _nll(m, retain) - r0 < _nll(m, forget) - f0
+
+
+def test_retain_terms_pull_the_right_way(tiny):
+    m = UnlearningModule(tiny["gpt2"], method="graddiff", lr=3e-3, forget_weight=0.0)
+    retain = _batch(m, _texts(4, 1))
+    r0 = _nll(m, retain)
+    _train(m, {"forget": _batch(m, _texts(4, 0)), "retain": retain}, 5)
+    assert _nll(m, retain) < r0 - 0.05
+    kl = UnlearningModule(tiny["gpt2"], method="ga_kl")
+    logits = lm.forward_logits(kl.model, retain, "decoder")
+    assert UL.kl_to_reference(logits, logits, retain["labels"], "decoder").item() == pytest.approx(0.0, abs=1e-6)
+    assert UL.kl_to_reference(logits, logits.flip(-1), retain["labels"], "decoder").item() > 0
+
+
+def test_npo_and_simnpo_values():
+    lp = torch.tensor([-3.0, -5.0])
+    # at theta == ref: (2/beta) log 2
+    assert UL.npo(lp, lp, 0.1).item() == pytest.approx(20 * torch.log(torch.tensor(2.0)).item())
+    # lower forget likelihood than the reference -> smaller loss
+    assert UL.npo(lp - 5, lp, 0.1) < UL.npo(lp, lp, 0.1)
+    assert UL.simnpo(lp - 5, torch.tensor([3, 5]), 2.5) < UL.simnpo(lp, torch.tensor([3, 5]), 2.5)
+
+
+def test_rmu_steers_forget_and_keeps_retain(tiny):
+    m = UnlearningModule(tiny["gpt2"], method="rmu", lr=3e-3, rmu_layer=1, rmu_coef=5.0, retain_weight=10.0)
+    forget, retain = _batch(m, _texts(4, 0)), _batch(m, _texts(4, 1))
+    batch = {"forget": forget, "retain": retain}
+
+    def terms():
+        with torch.no_grad():
+            _, logs = m.compute_loss(batch)
+        return logs["forget_loss"].item(), logs["retain_loss"].item()
+
+    f0, r0 = terms()
+    assert r0 == pytest.approx(0.0, abs=1e-8)  # same weights as the reference
+    _train(m, batch, 8)
+    f1, r1 = terms()
+    assert f1 < 0.7 * f0
+    assert r1 < f1
+
+
+@pytest.mark.parametrize("family_model", ["bert", "t5"])
+def test_other_families_unlearn(tiny, family_model):
+    m = UnlearningModule(tiny[family_model], method="graddiff", lr=3e-3)
+    forget = lm.encode_pairs(m.tokenizer, m.family, ["w1 w2 w3", "w4 w5"], ["w7", "w8 w9"])  # QA-style targets
+    retain = _batch(m, _texts(3, 1))
+    f0 = _nll(m, forget)
+    _train(m, {"forget": forget, "retain": retain}, 5)
+    assert _nll(m, forget) > f0 + 0.05
+
+
+def test_reference_shares_embeddings(tiny):
+    m = UnlearningModule(tiny["gpt2"], method="npo")
+    emb = m.adapter.embeddings(m.model).weight
+    with m.reference() as ref:
+        assert m.adapter.embeddings(ref).weight is emb
+        other = next(p for n, p in ref.named_parameters() if "h.0.mlp" in n)
+    assert not emb.requires_grad
+    assert other is not dict(m.model.named_parameters())[next(n for n, _ in ref.named_parameters() if "h.0.mlp" in n)]
+    assert not m._ref or all(not p.requires_grad for p in m._ref[0].parameters())
+
+
+def test_lora_leaves_base_untouched_until_merged(tiny, tmp_path):
+    m = UnlearningModule(tiny["gpt2"], method="npo", lr=1e-2, lora={"r": 4, "target_modules": ["c_attn", "c_fc"]})
+    base = {n: p.detach().clone() for n, p in m.model.named_parameters() if "lora_" not in n}
+    batch = {"forget": _batch(m, _texts(4, 0))}
+    f0 = _nll(m, batch["forget"])
+    _train(m, batch, 5)
+    assert _nll(m, batch["forget"]) > f0
+    for n, p in m.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    assert m._ref == []  # the reference is the LoRA base, no copy
+    merged = m.merged_model()
+    with torch.no_grad():
+        want = lm.forward_logits(m.model, batch["forget"], "decoder")
+        got = lm.forward_logits(merged, batch["forget"], "decoder")
+    assert torch.allclose(want, got, atol=1e-5)
+    w = "transformer.h.0.attn.c_attn.weight"
+    base_w = next(v for k, v in base.items() if k.endswith("h.0.attn.c_attn.base_layer.weight"))
+    assert not torch.equal(dict(merged.named_parameters())[w], base_w)
+    adapter_dir = m.save_result(tmp_path / "adapter", "adapter")
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert not (adapter_dir / "model.safetensors").exists()
+    assert (m.save_result(tmp_path / "merged", "merged") / "model.safetensors").is_file()
+
+
+def _fit(model_dir: str, root: Path, max_steps: int, ckpt: str | None = None) -> dict:
+    L.seed_everything(0)
+    module = UnlearningModule(model_dir, method="graddiff", lr=3e-3)
+    dm = ForgetRetainDataModule(forget_texts=_texts(8, 0), retain_texts=_texts(6, 1), unseen_texts=_texts(4, 2),
+                                batch_size=2, seed=3)
+    tracker = ForgettingTracker(every_n_steps=3, n=3, stop=False, report_dir=str(root))
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(root),
+                        callbacks=[tracker, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0,
+                                                            every_n_train_steps=1)])
+    trainer.fit(module, dm, ckpt_path=ckpt)
+    return json.loads((root / "forgetting.json").read_text())
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tiny, tmp_path):
+    full = _fit(tiny["gpt2"], tmp_path / "a", 6)
+    _fit(tiny["gpt2"], tmp_path / "b", 3)  # "killed" after step 3 (mid-epoch: 4 steps per epoch)
+    resumed = _fit(tiny["gpt2"], tmp_path / "b", 6, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert [r["step"] for r in resumed["history"]] == [r["step"] for r in full["history"]]
+    for a, b in zip(full["history"], resumed["history"]):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _dm(module, **kw):
+    dm = ForgetRetainDataModule(**kw)
+    dm.tokenizer, dm.family = module.tokenizer, module.family
+    return dm
+
+
+def test_bad_input(tiny):
+    m = UnlearningModule(tiny["gpt2"], method="ga")
+    with pytest.raises(ValueError, match="forget set is empty"):
+        _dm(m, forget_texts=[]).setup()
+    texts = _texts(5, 0)
+    with pytest.warns(UserWarning, match="2 of 3 retain examples also appear in the forget set"):
+        _dm(m, forget_texts=texts, retain_texts=[texts[0], texts[1], "w1 w2"]).setup()
+    dm = _dm(m, forget_texts=texts, retain_texts=[texts[0], "w1 w2"], drop_overlap=True)
+    with pytest.warns(UserWarning, match="removed"):
+        dm.setup()
+    assert len(dm.sets["retain"]) == 1
+    long = [" ".join(["w1"] * 40)]
+    with pytest.warns(UserWarning, match="longer than 16 tokens"):
+        dm = _dm(m, forget_texts=long, max_length=16)
+        dm.setup()
+    assert dm.eval_batches("forget")[0]["input_ids"].shape[1] <= 16
+    with pytest.raises(ValueError, match="longer than 16"):
+        _dm(m, forget_texts=long, max_length=16, on_long="error").setup()
+    with pytest.raises(UnlearningConfigError, match="not an unlearning method"):
+        UnlearningModule(tiny["gpt2"], method="forget_everything")
+    gd = UnlearningModule(tiny["gpt2"], method="graddiff")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(UnlearningConfigError, match="no retain set"):
+        trainer.fit(gd, ForgetRetainDataModule(forget_texts=texts))
+
+
+def test_presets_name_real_arguments():
+    presets = sorted((ROOT / "configs" / "unlearn").glob("*.yaml"))
+    assert len(presets) >= 8
+    import importlib
+
+    for p in presets:
+        cfg = yaml.safe_load(p.read_text())
+        for part in ("model", "data"):
+            path, cls_name = cfg[part]["class_path"].rsplit(".", 1)
+            cls = getattr(importlib.import_module(path), cls_name)
+            allowed = set(inspect.signature(cls.__init__).parameters)
+            assert set(cfg[part].get("init_args", {})) <= allowed, (p.name, part)
+        method = cfg["model"]["init_args"].get("method", "ga")
+        assert method in METHODS, p.name
+        from lightning_modules.unlearning import needs_retain
+
+        if needs_retain(method, cfg["model"]["init_args"].get("retain_loss")):
+            d = cfg["data"]["init_args"]
+            assert d.get("retain") or d.get("retain_texts") or d.get("retain_pairs"), p.name
