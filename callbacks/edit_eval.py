@@ -52,7 +52,23 @@ class EditEvaluation(L.Callback):
                                                               requests, pre_loc, batch_size=self.batch_size)
         return out
 
+    def _resume(self, trainer, pl_module) -> None:
+        """A resumed sequential run keeps the per-case results of the batches edited before."""
+        self._resumed = True
+        done = getattr(pl_module, "_done_batches", 0)
+        path = Path(trainer.default_root_dir) / "edit_results.json"
+        if done and path.is_file():
+            import json
+
+            from lethe.edits import request_from_dict
+
+            prev = json.loads(path.read_text())
+            self.rows = [r for r in prev.get("cases", []) if r["batch"] < done] + self.rows
+            self.requests = [request_from_dict(r) for r in prev.get("requests", [])][: len(self.rows)]
+
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not getattr(self, "_resumed", False):
+            self._resume(trainer, pl_module)
         if getattr(pl_module, "skip_batch", lambda i: False)(batch_idx):
             self._pre = {}
             return
@@ -99,7 +115,10 @@ class EditEvaluation(L.Callback):
             logger.save()
         out_dir = Path(trainer.default_root_dir)
         if trainer.is_global_zero:
-            write_json(out_dir / "edit_results.json", {"summary": self.results, "cases": self.rows})
+            from lethe.edits import request_to_dict
+
+            write_json(out_dir / "edit_results.json", {"summary": self.results, "cases": self.rows,
+                                                       "requests": [request_to_dict(r) for r in self.requests]})
             if self.plot:
                 self._plot(out_dir / "edit_efficacy.png", trainer)
 

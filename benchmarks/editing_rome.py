@@ -1,0 +1,184 @@
+"""ROME benchmark: N single edits, each on the original model (restored by reverting the artifact), scored
+with the CounterFact and token-accuracy protocols, against constrained fine-tuning of the same layer
+(ROME paper's FT-L: Adam steps on the target NLL of the rewrite prompt, the weight delta clamped to an
+L∞ ball after every step) run in the same process on the same requests.
+
+    python benchmarks/editing.py --method rome                                  # world decoder, 50 edits
+    python benchmarks/editing.py --method rome --model lethe:world-mlm
+    python benchmarks/editing.py --method rome --model lethe:smollm2            # real facts
+
+Requests: the world's CounterFact cases (``world:train``) for world models, ``real_facts`` otherwise;
+only cases the unedited model gets right (P(true) > P(new)) are kept, as an edit of a fact the model
+does not know measures nothing; the JSON line says how many were skipped.
+Covariance corpus: the world's training text for world models (their own distribution); for real
+models TOFU + Python's documentation topics ("tofu+pydoc"), natural English available offline.
+Peak memory: the process's peak RSS (``resource``) and the tracemalloc peak of Python allocations
+during the edit loops (torch's own allocations are not traced by tracemalloc, RSS covers them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+import tracemalloc
+
+import torch
+
+from lethe import evaluation as ev
+from lethe import lm
+from lethe.edits import EditArtifact, fingerprint
+from lethe.models import load_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="lethe:world-decoder")
+    parser.add_argument("--n", type=int, default=50, help="number of single edits")
+    parser.add_argument("--preset", default=None, help="ROME preset (default: from the model name)")
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--mom2-n", type=int, default=None, help="covariance sample count (texts)")
+    parser.add_argument("--requests", default=None, help="world:train, real_facts or a CounterFact file")
+    parser.add_argument("--ft-steps", type=int, default=10)
+    parser.add_argument("--ft-lr", type=float, default=5e-3)
+    parser.add_argument("--ft-eps", type=float, default=5e-3, help="L∞ bound on FT-L's weight delta")
+    parser.add_argument("--no-ft", action="store_true")
+    parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
+
+
+def _preset(model: str) -> str:
+    for name in ("world-decoder", "world-mlm", "world-seq2seq", "smollm2"):
+        if model.endswith(name):
+            return name
+    return "gpt2-xl"
+
+
+def _scores(loaded, req, pre_loc) -> dict:
+    cf = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, [req])
+    ta = ev.token_accuracy_scores(loaded.model, loaded.tokenizer, loaded.family, [req], pre_loc)
+    return {"efficacy": cf["efficacy"], "paraphrase": cf["paraphrase"], "neighborhood": cf["neighborhood"],
+            "efficacy_acc": ta["efficacy_acc"], "paraphrase_acc": ta["paraphrase_acc"], "locality": ta["locality"]}
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def _summary(rows: list[dict], seconds: list[float]) -> dict:
+    out = {k: _mean(rows, k) for k in ("efficacy", "paraphrase", "neighborhood")}
+    out["token_accuracy"] = {k: _mean(rows, k) for k in ("efficacy_acc", "paraphrase_acc", "locality")}
+    out["seconds_per_edit"] = round(sum(seconds) / max(1, len(seconds)), 4)
+    return out
+
+
+def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps: float) -> None:
+    """FT-L: a few Adam steps on the target NLL of the rewrite prompt, only ``param`` trained, and
+    ‖ΔW‖∞ ≤ eps enforced after each step."""
+    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
+    device = param.device
+    batch = lm.to_device(lm.encode_pairs(tok, family, [req.rewrite_prompt], [req.target_new]), device)
+    w0 = param.detach().clone()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    param.requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=lr)
+    try:
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = lm.sequence_nll(model, batch, family).mean()
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                param.copy_(w0 + (param - w0).clamp(-eps, eps))
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+def run(args) -> dict:
+    from datamodules.edits import load_requests
+    from lightning_modules.rome import ROMEEditor
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    loaded = load_model(args.model)
+    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
+    preset = args.preset or _preset(args.model)
+    overrides = {"layer": args.layer, "mom2_n_samples": args.mom2_n}
+    if args.quick:
+        overrides.setdefault("mom2_n_samples", None)
+        overrides["mom2_n_samples"] = overrides["mom2_n_samples"] or 500
+    editor = ROMEEditor(preset, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+                        overrides={k: v for k, v in overrides.items() if v is not None})
+    source = args.requests or ("world:train" if args.model.startswith("lethe:world") else "real_facts")
+    n = 5 if args.quick else args.n
+    candidates = load_requests(source)
+    # keep facts the unedited model knows; look at a few more than needed
+    pool = candidates[: max(4 * n, n + 20)]
+    known = ev.counterfact_scores(model, tok, family, pool)["efficacy_per_case"]
+    reqs = [r for r, e in zip(pool, known) if e == 0.0][:n]
+
+    t0 = time.perf_counter()
+    editor.covariance(loaded)
+    cov_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    editor.prefixes(loaded)
+    prefix_s = time.perf_counter() - t0
+
+    layer = editor.hp.layer
+    pname = loaded.adapter.mlp_out_name(layer, editor.hp.stack) + ".weight"
+    param = dict(model.named_parameters())[pname]
+    fp0 = fingerprint(param)
+    tracemalloc.start()
+    rome_rows, rome_s = [], []
+    for req in reqs:
+        pre_loc = ev.locality_reference(model, tok, family, [req])
+        t = time.perf_counter()
+        art = editor.edit(loaded, [req])
+        rome_s.append(time.perf_counter() - t)
+        rome_rows.append(_scores(loaded, req, pre_loc))
+        art.revert(model)
+    rome_trace_peak = tracemalloc.get_traced_memory()[1]
+    revert_exact = fingerprint(param) == fp0
+
+    ft_rows, ft_s = [], []
+    if not args.no_ft:
+        for req in reqs:
+            pre_loc = ev.locality_reference(model, tok, family, [req])
+            before = EditArtifact.snapshot(model, [pname])
+            t = time.perf_counter()
+            ft_l_edit(loaded, req, param, args.ft_steps, args.ft_lr, args.ft_eps)
+            ft_s.append(time.perf_counter() - t)
+            ft_rows.append(_scores(loaded, req, pre_loc))
+            with torch.no_grad():
+                param.copy_(before[pname])
+    tracemalloc.stop()
+
+    rome = _summary(rome_rows, rome_s)
+    result = {
+        "model": args.model,
+        "family": family,
+        "protocol": "counterfact (efficacy/paraphrase/neighborhood) + token_accuracy",
+        "n_edits": len(reqs),
+        "skipped_unknown_facts": len(pool) - sum(1 for e in known if e == 0.0),
+        "layer": layer,
+        "stack": editor.hp.stack or loaded.adapter.default_stack,
+        "preset": preset,
+        "covariance_corpus": editor.hp.mom2_corpus if isinstance(editor.hp.mom2_corpus, str) else "texts",
+        "covariance_samples": editor.hp.mom2_n_samples,
+        **{k: v for k, v in rome.items()},
+        "covariance_seconds": round(cov_s, 2),
+        "context_prefix_seconds": round(prefix_s, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "tracemalloc_peak_mb_rome": round(rome_trace_peak / 2**20, 2),
+        "revert_exact": revert_exact,
+    }
+    if ft_rows:
+        ft = _summary(ft_rows, ft_s)
+        ft.update(steps=args.ft_steps, lr=args.ft_lr, linf_eps=args.ft_eps)
+        result["ft_l"] = ft
+        result["rome_seconds_over_ft"] = round(rome["seconds_per_edit"] / max(ft["seconds_per_edit"], 1e-9), 2)
+    return result

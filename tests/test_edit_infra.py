@@ -1,0 +1,155 @@
+"""The editing infrastructure every editor reuses: both evaluation protocols, edit artifacts, and the
+``lethe edit`` job (datamodule → editor → evaluation callback → artifact + edited model, resumable)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+from lethe import evaluation as ev
+from lethe.edits import EditArtifact, EditArtifactError
+from lethe.lm import target_probability
+from lethe.records import EditRequest, write_counterfact, write_text
+from lethe.testing import save_tiny, tiny_model, tiny_tokenizer
+
+
+def req(i: int = 0, **kw) -> EditRequest:
+    base = {"prompt": "w1 {} w3", "subject": f"w{5 + i} w6", "target_new": "w10", "target_true": "w11",
+            "paraphrase_prompts": [f"w7 w{5 + i} w6 w3", f"w2 w{5 + i} w6 w3"],
+            "neighborhood_prompts": ["w8 w9 w3", "w4 w9 w3"], "case_id": i}
+    base.update(kw)
+    return EditRequest(**base)
+
+
+def test_counterfact_scores_follow_the_definitions():
+    m, tok = tiny_model("gpt2"), tiny_tokenizer("gpt2")
+    r = req(neighborhood_targets=["w12", "w13"])
+    s = ev.counterfact_scores(m, tok, "decoder", [r])
+    assert s["protocol"] == "counterfact"
+
+    def p(prompt, target):
+        return float(target_probability(m, tok, "decoder", [prompt], [target])[0])
+
+    assert s["efficacy"] == float(p(r.rewrite_prompt, "w10") > p(r.rewrite_prompt, "w11"))
+    para = [float(p(q, "w10") > p(q, "w11")) for q in r.paraphrase_prompts]
+    assert s["paraphrase"] == pytest.approx(sum(para) / 2)
+    nb = [float(p(q, t) > p(q, "w10")) for q, t in zip(r.neighborhood_prompts, ["w12", "w13"])]
+    assert s["neighborhood"] == pytest.approx(sum(nb) / 2)
+    # without neighborhood_targets the neighbours' true object is target_true (CounterFact)
+    plain = ev.counterfact_scores(m, tok, "decoder", [req()])
+    nb_true = [float(p(q, "w11") > p(q, "w10")) for q in r.neighborhood_prompts]
+    assert plain["neighborhood"] == pytest.approx(sum(nb_true) / 2)
+
+
+def test_token_accuracy_and_locality():
+    m, tok = tiny_model("gpt2"), tiny_tokenizer("gpt2")
+    r = req(loc_prompts=["w30 w31"], loc_answers=["w32 w33"])
+    ref = ev.locality_reference(m, tok, "decoder", [r])
+    s = ev.token_accuracy_scores(m, tok, "decoder", [r], ref)
+    assert s["protocol"] == "token_accuracy" and s["locality"] == 1.0
+    (pred, gold), = ev.teacher_forced_predictions(m, tok, "decoder", [(r.rewrite_prompt, "w10")])
+    assert s["efficacy_acc"] == float(pred == gold)
+    with torch.no_grad():  # scramble the output layer: predictions on the loc prompt change
+        m.transformer.ln_f.weight.mul_(-3.0)
+        m.transformer.ln_f.bias.add_(torch.randn_like(m.transformer.ln_f.bias))
+    assert ev.token_accuracy_scores(m, tok, "decoder", [r], ref)["locality"] < 1.0
+    assert ev.token_accuracy_scores(m, tok, "decoder", [r])["locality"] is None
+
+
+def test_artifact_checks_and_combine(tmp_path):
+    m = tiny_model("gpt2")
+    name = "transformer.h.0.mlp.c_proj.weight"
+    w = dict(m.named_parameters())[name]
+    a = EditArtifact("test", "tiny", {name: torch.ones_like(w)}, [req()])
+    b = EditArtifact("test", "tiny", {name: 2 * torch.ones_like(w)}, [req(1)])
+    both = EditArtifact.combine([a, b])
+    assert torch.equal(both.deltas[name], 3 * torch.ones_like(w)) and len(both.requests) == 2
+    with pytest.raises(EditArtifactError, match="not applied"):
+        a.revert(m)
+    a.apply(m)
+    with pytest.raises(EditArtifactError, match="already applied"):
+        a.apply(m)
+    a.revert(m)
+    with pytest.raises(EditArtifactError, match="does not have"):
+        a.apply(tiny_model("llama"))
+    wrong = EditArtifact("test", "tiny", {name: torch.ones(3, 3)})
+    with pytest.raises(EditArtifactError, match="shape"):
+        wrong.apply(m)
+    with pytest.raises(EditArtifactError, match="missing"):
+        EditArtifact.load(tmp_path)
+    a.save(tmp_path / "a")
+    (tmp_path / "a" / "artifact.json").write_text("{")
+    with pytest.raises(EditArtifactError, match="not valid JSON"):
+        EditArtifact.load(tmp_path / "a")
+
+
+@pytest.fixture()
+def tiny_job(tmp_path):
+    save_tiny("gpt2", tmp_path / "model")
+    rng = random.Random(0)
+    write_text([" ".join(f"w{rng.randrange(80)}" for _ in range(16)) for _ in range(64)], tmp_path / "corpus.txt")
+    write_counterfact([req(i) for i in range(3)], tmp_path / "reqs.json")
+    return tmp_path
+
+
+def _run_edit(tmp, limit: int, sequential: bool, monkeypatch, name: str = "job") -> None:
+    from lethe.edit_cli import main
+
+    cfg = {
+        "model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
+            "model": str(tmp / "model"), "editor": "rome", "sequential": sequential,
+            "editor_args": {"hparams": {"layer": 0, "mom2_corpus": str(tmp / "corpus.txt"), "mom2_n_samples": 64,
+                                        "context_templates": [[2, 4]], "context_source": "corpus", "v_steps": 4},
+                            "cache_dir": str(tmp / "cov"), "progress": False}}},
+        "data": {"class_path": "datamodules.edits.EditDataModule",
+                 "init_args": {"source": str(tmp / "reqs.json"), "limit": limit}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "run": {"root": str(tmp / "runs"), "name": name, "logger": "csv"},
+    }
+    (tmp / "cfg.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(sys, "argv", ["lethe", "edit"])
+    main(["--config", str(tmp / "cfg.json")])
+
+
+def test_edit_job_sequential_resumes_and_saves(tiny_job, monkeypatch):
+    from lethe.models import load_model
+
+    tmp = tiny_job
+    _run_edit(tmp, 2, True, monkeypatch)
+    run = tmp / "runs" / "job"
+    first = EditArtifact.load(run / "edit_artifact")
+    assert first.meta["completed_batches"] == 2 and len(first.requests) == 2
+    results = json.loads((run / "edit_results.json").read_text())
+    assert len(results["cases"]) == 2 and "edit_mean/counterfact/efficacy" in results["summary"]
+    assert (run / "metrics.csv").is_file() and (run / "edit_efficacy.png").is_file()
+    # a second run with one more request resumes: only the third request is edited
+    _run_edit(tmp, 3, True, monkeypatch)
+    total = EditArtifact.load(run / "edit_artifact")
+    assert total.meta["completed_batches"] == 3
+    assert [r.case_id for r in total.requests] == [0, 1, 2]
+    results = json.loads((run / "edit_results.json").read_text())
+    assert [c["case_id"] for c in results["cases"]] == [0, 1, 2]  # earlier cases kept
+    assert json.loads((run / "edit_job.json").read_text())["batches"] == 1  # and not edited again
+    # the saved edited model equals the artifact applied to a fresh copy of the original
+    edited = load_model(run / "edited_model").model
+    fresh = load_model(tmp / "model").model
+    total.apply(fresh)
+    for (n, p), (_, q) in zip(edited.named_parameters(), fresh.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_edit_job_independent_edits_revert(tiny_job, monkeypatch):
+    tmp = tiny_job
+    _run_edit(tmp, 2, False, monkeypatch, name="indep")
+    run = tmp / "runs" / "indep"
+    arts = sorted((run / "edit_artifacts").iterdir())
+    assert len(arts) == 2 and not (run / "edited_model").exists()
+    a0 = EditArtifact.load(arts[0])
+    assert [r.case_id for r in a0.requests] == [0]
+    # every edit met the original weights: the module reverted the previous one after its evaluation
+    assert a0.base_fingerprints == EditArtifact.load(arts[1]).base_fingerprints
