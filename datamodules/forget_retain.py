@@ -18,9 +18,11 @@ the model's context) are truncated with a warning, or rejected with ``on_long: e
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -121,7 +123,10 @@ class ForgetRetainDataModule(L.LightningDataModule):
         on_long: "truncate" (warn) or "error".
         drop_overlap: remove retain examples that are also forget examples (always warned about).
         add_eos: end QA answers with EOS (what a generator learned to stop on).
-        seed: retain pairing and MLM masks.
+        seed: retain pairing, MLM masks and the built-in sets' sampling.
+        builtin: ``"world"`` (forget = the sentences of ``n_forget`` training facts of lethe's world,
+            retain = those of ``n_retain`` other training facts, unseen = ``n_unseen`` held-out facts')
+            or ``"memorised_passages"`` (texts SmolLM2 memorised in pre-training vs unseen text).
     """
 
     def __init__(
@@ -143,6 +148,10 @@ class ForgetRetainDataModule(L.LightningDataModule):
         drop_overlap: bool = False,
         add_eos: bool = False,
         seed: int = 0,
+        builtin: str | None = None,
+        n_forget: int = 32,
+        n_retain: int = 256,
+        n_unseen: int = 64,
         num_workers: int = 0,
         tokenizer: str | None = None,
         family: str | None = None,
@@ -193,6 +202,11 @@ class ForgetRetainDataModule(L.LightningDataModule):
                              "forget_pairs")
         retain = load_examples(h.retain, h.kind, h.retain_texts, h.retain_pairs)
         unseen = load_examples(h.unseen, h.kind, h.unseen_texts, h.unseen_pairs)
+        if h.builtin:
+            sets = builtin_sets(h.builtin, h.n_forget, h.n_retain, h.n_unseen, h.seed)
+            forget += [{"text": t} for t in sets["forget"]]
+            retain += [{"text": t} for t in sets["retain"]]
+            unseen += [{"text": t} for t in sets["unseen"]]
         keys = {_key(e) for e in forget}
         overlap = [e for e in retain if _key(e) in keys]
         if overlap:
@@ -254,6 +268,41 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def eval_loader(self, name: str) -> DataLoader:
         return DataLoader(ExampleDataset(self.sets[name]), batch_size=self.hparams.eval_batch_size,
                           collate_fn=self._collate())
+
+
+def world_split(n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64, seed: int = 0) -> dict[str, list]:
+    """Disjoint fact samples of lethe's world: forget/retain from training facts, unseen from held-out ones."""
+    from lethe.world_models import load_world
+
+    world = load_world()
+    train = list(world.train_facts)
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    unseen = list(world.unseen_facts)
+    rng.shuffle(unseen)
+    if n_forget + n_retain > len(train):
+        raise ValueError(f"n_forget + n_retain = {n_forget + n_retain} > {len(train)} training facts")
+    return {"world": world, "forget": train[:n_forget], "retain": train[n_forget:n_forget + n_retain],
+            "unseen": unseen[:n_unseen]}
+
+
+def fact_sentences(world, facts) -> list[str]:
+    """A fact's sentences: the fact completed in each of its training templates."""
+    return [world.sentence(p, f.object) for f in facts for p in world.training_prompts(f)]
+
+
+def builtin_sets(name: str, n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64,
+                 seed: int = 0) -> dict[str, list[str]]:
+    """Texts of a built-in forget/retain/unseen set (see ForgetRetainDataModule's ``builtin``)."""
+    if name == "world":
+        split = world_split(n_forget, n_retain, n_unseen, seed)
+        return {k: fact_sentences(split["world"], split[k]) for k in ("forget", "retain", "unseen")}
+    if name == "memorised_passages":
+        data = json.loads((Path(__file__).resolve().parents[1] / "lethe" / "data" /
+                           "memorised_passages.json").read_text())
+        return {"forget": [x["text"] for x in data["memorised"] if x.get("selected")], "retain": [],
+                "unseen": [x["text"] for x in data["unseen"]]}
+    raise ValueError(f"data.init_args.builtin={name!r}: use 'world' or 'memorised_passages'")
 
 
 def _context_length(model) -> int | None:

@@ -230,4 +230,5 @@ def test_presets_name_real_arguments():
 
         if needs_retain(method, cfg["model"]["init_args"].get("retain_loss")):
             d = cfg["data"]["init_args"]
-            assert d.get("retain") or d.get("retain_texts") or d.get("retain_pairs"), p.name
+            has = d.get("retain") or d.get("retain_texts") or d.get("retain_pairs") or d.get("builtin") == "world"
+            assert has, p.name
