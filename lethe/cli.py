@@ -75,7 +75,8 @@ class LetheCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") is None:
-            kwargs["logger"] = make_loggers(run.get("logger"), run_dir, name, run.get("project"))
+            resuming = bool(self.config[self.subcommand].get("ckpt_path")) if self.subcommand else False
+            kwargs["logger"] = make_loggers(run.get("logger"), run_dir, name, run.get("project"), resuming)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -107,8 +108,35 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def make_loggers(kind: str | None, run_dir: Path, name: str, project: str = "lethe") -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+def _csv_logger_class():
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="") as fh:
+                    self.metrics_keys = list(next(csv.reader(fh), []))
+
+    class RunCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunCSVLogger
+
+
+def make_loggers(kind: str | None, run_dir: Path, name: str, project: str = "lethe",
+                 resuming: bool = False) -> list:
+    """Loggers writing into the run folder. A fresh run moves an older metrics.csv aside, never deletes it."""
+    from lightning.pytorch.loggers import WandbLogger
 
     kinds = {k.strip() for k in (kind or "none").replace(",", "+").split("+") if k.strip()}
     unknown = kinds - {"csv", "wandb", "none"}
@@ -116,7 +144,10 @@ def make_loggers(kind: str | None, run_dir: Path, name: str, project: str = "let
         raise ValueError(f"unknown run.logger {sorted(unknown)}: use csv, wandb, csv+wandb or none")
     loggers = []
     if "csv" in kinds:
-        loggers.append(CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version=""))
+        old = run_dir / "metrics.csv"
+        if not resuming and old.is_file() and _rank() == 0:
+            os.replace(old, run_dir / f"metrics.{int(old.stat().st_mtime)}.csv")
+        loggers.append(_csv_logger_class()(save_dir=str(run_dir.parent), name=run_dir.name, version=""))
     if "wandb" in kinds:
         run_dir.mkdir(parents=True, exist_ok=True)
         loggers.append(WandbLogger(name=name, project=project, save_dir=str(run_dir), id=wandb_run_id(run_dir),

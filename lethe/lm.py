@@ -228,3 +228,23 @@ def target_probability(model, tokenizer, family: str, prompts: Sequence[str], ta
                           device)
         out.append(torch.exp(-sequence_nll(model, batch, family)).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def greedy_match(model, tokenizer, family: str, prompts: Sequence[str], targets: Sequence[str],
+                 batch_size: int = 128) -> torch.Tensor:
+    """Whether greedy decoding after each prompt reproduces the target's tokens (teacher-forced argmax).
+
+    Teacher-forced argmax equals greedy generation up to the first miss, so "all target tokens
+    are the argmax" is exactly "greedy decoding yields the target".
+    """
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        batch = to_device(encode_pairs(tokenizer, family, prompts[s:s + batch_size], targets[s:s + batch_size]),
+                          device)
+        lg, lb = aligned(forward_logits(model, batch, family), batch["labels"], family)
+        mask = lb != IGNORE
+        hit = (lg.argmax(-1) == lb) | ~mask
+        out.append(hit.all(-1).cpu())
+    return torch.cat(out)

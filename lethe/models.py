@@ -130,7 +130,7 @@ def _check_safetensors(path: Path) -> None:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + header_len + end > size:
             raise ValueError(f"file is {size} bytes but its header describes {8 + header_len + end}")
-    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+    except Exception as err:
         raise ModelLoadError(f"corrupt weights file {path}: {err}") from err
 
 

@@ -18,7 +18,7 @@ CONTEXT = 64
 
 
 def _configs() -> dict[str, tuple[type, object]]:
-    common_dec = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common_dec = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     llama_like = dict(hidden_size=WIDTH, intermediate_size=FFN, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
                       **common_dec)
@@ -79,3 +79,33 @@ def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 7, seed: i
     if getattr(model.config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 4), generator=g)
     return inputs
+
+
+def tiny_tokenizer(model_type: str = "gpt2", n_words: int = 80):
+    """A word-level tokenizer whose ids fit the tiny models' 97-row vocabulary."""
+    from lethe.tokenizers import build_world_tokenizer
+
+    style = {"decoder": "gpt2", "mlm": "bert", "seq2seq": "t5"}[_family(model_type)]
+    return build_world_tokenizer([f"w{i}" for i in range(n_words)], style)
+
+
+def _family(model_type: str) -> str:
+    from lethe.adapters import get_adapter
+
+    return get_adapter(model_type).family
+
+
+def save_tiny(model_type: str, dest, seed: int = 0):
+    """Save a tiny model and a matching tokenizer as an ordinary Hugging Face folder."""
+    from lethe.io import save_pretrained
+
+    tok = tiny_tokenizer(model_type)
+    model = tiny_model(model_type, seed=seed)
+    cfg = model.config
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        tid = getattr(tok, attr)
+        if tid is not None:
+            setattr(cfg, attr, tid)
+    if getattr(cfg, "is_encoder_decoder", False):
+        cfg.decoder_start_token_id = tok.pad_token_id
+    return save_pretrained(model, tok, dest)

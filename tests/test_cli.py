@@ -1,0 +1,91 @@
+"""The lethe command: help lists every subcommand; a 2-process run resumes in the same run folder."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lethe.testing import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+LETHE = [sys.executable, "-m", "lethe.cli"]
+
+
+def _env():
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([*LETHE, "--help"], capture_output=True, text=True, env=_env(), check=True).stdout
+    from lethe.cli import COMMANDS, _available_commands
+
+    available = _available_commands()
+    assert {"world", "edit"} <= set(available)
+    for sub in ("fit", "validate", "test", "predict", *available):
+        assert f"  {sub}" in out, (sub, out)
+    for sub in set(COMMANDS) - set(available):  # listed only once its module exists
+        assert f"  {sub} " not in out
+
+
+def test_unknown_command_fails_clearly():
+    res = subprocess.run([*LETHE, "frobnicate"], capture_output=True, text=True, env=_env())
+    assert res.returncode == 2 and "unknown command 'frobnicate'" in res.stderr
+
+
+def _preset(tmp_path: Path) -> Path:
+    model_dir = save_tiny("gpt2", tmp_path / "tiny-gpt2")
+    texts = [" ".join(f"w{(i * 7 + j) % 80}" for j in range(8)) for i in range(32)]
+    preset = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 2,
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": "lightning_modules.lm.LanguageModelModule",
+                  "init_args": {"model": str(model_dir), "lr": 1e-3}},
+        "data": {"class_path": "datamodules.lm.LMDataModule",
+                 "init_args": {"texts": texts, "batch_size": 4, "max_length": 16}},
+        "run": {"root": str(tmp_path / "runs"), "name": "ddp-resume", "logger": "csv+wandb"},
+    }
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def _fit(preset: Path, *extra: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([*LETHE, "fit", "--config", str(preset), *extra], capture_output=True, text=True,
+                         env=_env(), cwd=preset.parent, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_same_steps_and_same_logger_run(tmp_path):
+    preset = _preset(tmp_path)
+    run_dir = tmp_path / "runs" / "ddp-resume"
+    _fit(preset)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 2
+    wandb_id = (run_dir / "wandb_id").read_text().strip()
+
+    # resume: continue to step 4 in the same run folder, same wandb id, same metrics file
+    _fit(preset, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 4
+    assert (run_dir / "wandb_id").read_text().strip() == wandb_id
+    wandb_runs = sorted(p.name for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run"))
+    assert wandb_runs and all(name.endswith(wandb_id) for name in wandb_runs), wandb_runs
+    with open(run_dir / "metrics.csv") as fh:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")})
+    assert steps == [0, 1, 2, 3], steps  # the resumed run appended steps 2 and 3 to the same file
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("version")) == []
+    # the saved config names the run, so the same command line resumes it
+    assert (run_dir / "config.yaml").is_file()
