@@ -28,17 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
-from lethe import tofu  # noqa: E402
-from lethe.records import read_records  # noqa: E402
+from lethe import tofu
+from lethe.records import read_records
 
 TOFU = Path("/work/shared/data/tofu")
 
 
 def load_subsample(data: Path, forget_authors: int, retain_authors: int, eval_n: int) -> dict:
-    rd = lambda name: read_records(data / name, "tofu")  # noqa: E731
+    rd = lambda name: read_records(data / name, "tofu")
     forget10, retain90 = rd("forget10.json"), rd("retain90.json")
     forget_pert, retain_pert = rd("forget10_perturbed.json"), rd("retain_perturbed.json")
     forget = forget10[: 20 * forget_authors]

@@ -33,12 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
-from callbacks.forgetting import ForgettingTracker  # noqa: E402
-from datamodules.forget_retain import ForgetRetainDataModule, builtin_sets  # noqa: E402
-from lightning_modules.unlearning import UnlearningModule  # noqa: E402
+from callbacks.forgetting import ForgettingTracker
+from datamodules.forget_retain import ForgetRetainDataModule, builtin_sets
+from lightning_modules.unlearning import UnlearningModule
 
 # Per-method settings on the world decoder (lr, retain weight...): chosen so that the stopping
 # rule is reached in tens of steps on 2 CPU cores.
@@ -178,11 +178,11 @@ def real_fact_accuracy(model, tokenizer) -> dict:
 
 
 def smollm2_run(args, root: Path) -> dict:
-    from lethe.models import load_model
+    from lethe.models import ModelLoadError, load_model
 
     try:
         source = load_model("lethe:smollm2").source
-    except Exception as err:  # the alias lands with lethe.smollm2; report instead of failing the benchmark
+    except (ModelLoadError, OSError, ImportError) as err:  # the alias lands with lethe.smollm2; report instead of failing the benchmark
         return {"skipped": f"SmolLM2 unavailable: {err}"}
     texts = builtin_sets("memorised_passages")
     settings = {"method": "npo", "lr": args.smollm2_lr, "beta": 0.1,
