@@ -1,0 +1,203 @@
+"""The embedded default models: tiny GPT-2, BERT and T5 pretrained by lethe on its own world.
+
+Nothing here downloads anything. ``ensure_world_model("decoder")`` returns a
+Hugging Face folder in lethe's cache, building it on first use (with a
+progress bar) and reusing it afterwards. The build is deterministic: same
+seed, same world, same weights on the same machine. The folders are also
+reachable as model names: ``lethe:world-decoder``, ``lethe:world-mlm``,
+``lethe:world-seq2seq``.
+
+``lethe world build [--cache DIR] [--family ...] [--force]`` builds them from
+the command line; ``lethe world export DIR`` writes the world's records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from lethe.io import atomic_path, cache_root
+from lethe.models import register_alias
+from lethe.world import World
+
+WORLD_SEED = 0
+FAMILIES = ("decoder", "mlm", "seq2seq")
+STYLE = {"decoder": "gpt2", "mlm": "bert", "seq2seq": "t5"}
+BUILD_VERSION = 1
+
+# Architecture and training recipe per family: small enough to train in a few CPU minutes,
+# large enough to memorise ~2,000 facts.
+RECIPES = {
+    "decoder": {"arch": "gpt2", "width": 128, "layers": 4, "heads": 4, "ffn": 512,
+                "epochs": 30, "lr": 3e-3, "batch_size": 128},
+    "mlm": {"arch": "bert", "width": 128, "layers": 4, "heads": 4, "ffn": 512,
+            "epochs": 40, "lr": 2e-3, "batch_size": 128},
+    "seq2seq": {"arch": "t5", "width": 128, "layers": 3, "heads": 4, "ffn": 512,
+                "epochs": 30, "lr": 3e-3, "batch_size": 128},
+}
+
+
+@functools.lru_cache(maxsize=4)
+def load_world(seed: int = WORLD_SEED) -> World:
+    """The world the embedded models learned (deterministic for the seed)."""
+    return World.generate(seed=seed)
+
+
+def world_cache_dir(cache: str | os.PathLike | None = None, seed: int = WORLD_SEED) -> Path:
+    world = load_world(seed)
+    return cache_root(cache) / "world" / f"seed{seed}-{world.fingerprint()[:10]}-v{BUILD_VERSION}"
+
+
+def _recipe(family: str, overrides: dict | None) -> dict:
+    unknown = set(overrides or {}) - set(RECIPES[family])
+    if unknown:
+        raise ValueError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPES[family])}")
+    return {**RECIPES[family], **(overrides or {})}
+
+
+def model_dir(family: str, cache: str | os.PathLike | None = None, seed: int = WORLD_SEED,
+              recipe: dict | None = None) -> Path:
+    """The model's folder; a non-default recipe gets its own folder, keyed by the recipe."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    name = family
+    if recipe:
+        digest = hashlib.sha256(json.dumps(_recipe(family, recipe), sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{family}-{digest}"
+    return world_cache_dir(cache, seed) / name
+
+
+def build_info(path: str | os.PathLike) -> dict:
+    """The build record saved with a world model (seconds, recipe, world fingerprint)."""
+    return json.loads((Path(path) / "lethe_build.json").read_text())
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_world_model(family: str, cache: str | os.PathLike | None = None, seed: int = WORLD_SEED,
+                       force: bool = False, progress: bool = True, recipe: dict | None = None) -> Path:
+    """The cached folder of the world model of ``family``, built first if missing (or ``force``).
+
+    ``recipe`` overrides entries of ``RECIPES[family]`` (e.g. fewer epochs for a quick test).
+    """
+    dest = model_dir(family, cache, seed, recipe)
+    if not force and (dest / "lethe_build.json").is_file():
+        return dest
+    with _lock(dest.parent / f".{family}.lock"):
+        if not force and (dest / "lethe_build.json").is_file():  # another process built it meanwhile
+            return dest
+        _build(family, dest, seed, progress, _recipe(family, recipe))
+    return dest
+
+
+def _config(family: str, tokenizer, recipe: dict):
+    import transformers as tf
+
+    w, n, h, f = recipe["width"], recipe["layers"], recipe["heads"], recipe["ffn"]
+    vocab = len(tokenizer)
+    if family == "decoder":
+        return tf.GPT2LMHeadModel, tf.GPT2Config(
+            vocab_size=vocab, n_embd=w, n_layer=n, n_head=h, n_inner=f, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "mlm":
+        return tf.BertForMaskedLM, tf.BertConfig(
+            vocab_size=vocab, hidden_size=w, num_hidden_layers=n, num_attention_heads=h, intermediate_size=f,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            pad_token_id=tokenizer.pad_token_id)
+    return tf.T5ForConditionalGeneration, tf.T5Config(
+        vocab_size=vocab, d_model=w, d_ff=f, d_kv=w // h, num_layers=n, num_decoder_layers=2, num_heads=h,
+        dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+
+
+def training_data(world: World, family: str) -> dict:
+    """What each family learns: decoders whole sentences; MLM and seq2seq the object given the prompt."""
+    if family == "decoder":
+        return {"texts": world.training_corpus()}
+    pairs = [[p, f.object] for f in world.train_facts for p in world.training_prompts(f)]
+    return {"pairs": pairs}
+
+
+def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict) -> None:
+    import lightning as L
+
+    from datamodules.lm import LMDataModule
+    from lethe.io import save_pretrained
+    from lethe.tokenizers import build_world_tokenizer
+    from lightning_modules.lm import LanguageModelModule
+
+    start = time.time()
+    world = load_world(seed)
+    tokenizer = build_world_tokenizer(world, STYLE[family])
+    cls, config = _config(family, tokenizer, recipe)
+    L.seed_everything(seed, workers=True, verbose=False)
+    init = dest.parent / f".{dest.name}-init"
+    save_pretrained(cls(config), tokenizer, init)
+    module = LanguageModelModule(model=str(init), lr=recipe["lr"], warmup_steps=50)
+    data = LMDataModule(**training_data(world, family), batch_size=recipe["batch_size"], max_length=48,
+                        add_eos=family == "seq2seq", seed=seed)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=recipe["epochs"], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=progress, deterministic=True, log_every_n_steps=50,
+    )
+    if progress:
+        print(f"lethe: building the world {family} model ({recipe['arch']}) in {dest} — a few minutes, once")
+    trainer.fit(module, datamodule=data)
+    module.model.eval()
+    with atomic_path(dest, is_dir=True) as tmp:
+        save_pretrained(module.model, tokenizer, tmp / "_m")
+        for item in (tmp / "_m").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "_m").rmdir()
+        info = {"family": family, "recipe": recipe, "seed": seed, "world_fingerprint": world.fingerprint(),
+                "build_seconds": round(time.time() - start, 1), "torch": torch.__version__,
+                "steps": trainer.global_step}
+        (tmp / "lethe_build.json").write_text(json.dumps(info, indent=2) + "\n")
+    import shutil
+
+    shutil.rmtree(init, ignore_errors=True)
+
+
+for _family in FAMILIES:
+    register_alias(f"world-{_family}", functools.partial(ensure_world_model, _family))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lethe world", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build (or reuse) the world models")
+    build.add_argument("--cache", default=None, help="cache folder (default $LETHE_CACHE or ~/.cache/lethe)")
+    build.add_argument("--family", choices=FAMILIES, action="append", help="only these families (repeatable)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    export = sub.add_parser("export", help="write the world's records (CounterFact, zsRE, TOFU, text)")
+    export.add_argument("directory")
+    export.add_argument("--split", default="train", choices=["train", "unseen", "all"])
+    args = parser.parse_args(argv)
+    if args.action == "build":
+        for family in args.family or FAMILIES:
+            path = ensure_world_model(family, cache=args.cache, force=args.force)
+            print(f"{family}: {path} (built in {build_info(path)['build_seconds']} s)")
+    else:
+        written = load_world().export(args.directory, split=None if args.split == "all" else args.split)
+        for kind, path in written.items():
+            print(f"{kind}: {path}")

@@ -1,0 +1,49 @@
+"""The embedded world models: deterministic builds, cache reuse, and aliases through the one loader."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lethe import lm
+from lethe.models import load_model
+from lethe.world_models import FAMILIES, build_info, ensure_world_model, load_world, model_dir
+
+QUICK = {"epochs": 1, "width": 32, "layers": 1, "ffn": 64, "heads": 2}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quick_build_is_reproducible_and_cached(tmp_path, family):
+    a = ensure_world_model(family, cache=tmp_path / "a", recipe=QUICK, progress=False)
+    b = ensure_world_model(family, cache=tmp_path / "b", recipe=QUICK, progress=False)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
+    info = build_info(a)
+    assert info["world_fingerprint"] == load_world().fingerprint() and info["steps"] > 0
+    # a second call reuses the cache: nothing is rebuilt
+    mtime = (a / "model.safetensors").stat().st_mtime_ns
+    assert ensure_world_model(family, cache=tmp_path / "a", recipe=QUICK) == a
+    assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+    loaded = load_model(a)
+    assert loaded.family == family and len(loaded.tokenizer) == loaded.model.get_input_embeddings().weight.shape[0]
+    assert model_dir(family, tmp_path / "a") != a  # the default recipe has its own folder
+
+
+def test_bad_recipe_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        ensure_world_model("decoder", cache=tmp_path, recipe={"epochz": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_world_models_know_their_training_facts(family):
+    """The default models (built once, cached) recall >= 95% of a sample of their training facts."""
+    loaded = load_model(f"lethe:world-{family}")
+    world = load_world()
+    facts = world.train_facts[::7]
+    prompts = [world.training_prompts(f)[0] for f in facts]
+    hits = lm.greedy_match(loaded.model, loaded.tokenizer, family, prompts, [f.object for f in facts])
+    assert hits.float().mean() >= 0.95
+    unseen = world.unseen_facts
+    miss = lm.greedy_match(loaded.model, loaded.tokenizer, family, [world.training_prompts(f)[0] for f in unseen],
+                           [f.object for f in unseen])
+    assert miss.float().mean() < 0.5  # facts never trained on are not known: they serve as unseen text
