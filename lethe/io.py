@@ -8,6 +8,7 @@ the previous version (or nothing), never a truncated file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -64,3 +65,16 @@ def cache_root(override: str | os.PathLike | None = None) -> Path:
     root = Path(override or os.environ.get("LETHE_CACHE") or Path.home() / ".cache" / "lethe")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock between processes (two jobs never build the same cached model at once)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -14,8 +14,6 @@ the command line; ``lethe world export DIR`` writes the world's records.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lethe.io import atomic_path, cache_root
+from lethe.io import atomic_path, cache_root, file_lock
 from lethe.models import register_alias
 from lethe.world import World
 
@@ -81,17 +79,6 @@ def build_info(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "lethe_build.json").read_text())
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_world_model(family: str, cache: str | os.PathLike | None = None, seed: int = WORLD_SEED,
                        force: bool = False, progress: bool = True, recipe: dict | None = None) -> Path:
     """The cached folder of the world model of ``family``, built first if missing (or ``force``).
@@ -101,7 +88,7 @@ def ensure_world_model(family: str, cache: str | os.PathLike | None = None, seed
     dest = model_dir(family, cache, seed, recipe)
     if not force and (dest / "lethe_build.json").is_file():
         return dest
-    with _lock(dest.parent / f".{family}.lock"):
+    with file_lock(dest.parent / f".{family}.lock"):
         if not force and (dest / "lethe_build.json").is_file():  # another process built it meanwhile
             return dest
         _build(family, dest, seed, progress, _recipe(family, recipe))
