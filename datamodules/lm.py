@@ -56,6 +56,18 @@ def load_examples(paths: str | Sequence[str] | None, kind: str, texts: Sequence[
     return examples
 
 
+def world_examples(split: str | None) -> list[dict]:
+    if split is None:
+        return []
+    from lethe.world_models import load_world
+
+    world = load_world()
+    corpora = {"train": world.training_corpus, "unseen": world.unseen_corpus}
+    if split not in corpora:
+        raise ValueError(f"data.init_args.world={split!r}: use 'train' or 'unseen'")
+    return [{"text": t} for t in corpora[split]()]
+
+
 def collate_examples(items: list[dict], tokenizer, family: str, max_length: int | None, seed: int,
                      add_eos: bool = True) -> dict:
     if all("text" in it for it in items):
@@ -78,6 +90,7 @@ class LMDataModule(L.LightningDataModule):
     Args:
         train, val, test: file path(s) of records of ``kind``.
         kind: "text", "tofu", "counterfact" or "zsre".
+        world: "train" or "unseen": add the sentences of lethe's world (its training facts / held-out facts).
         texts, val_texts: inline documents (added to the files' examples).
         pairs, val_pairs: inline ``[prompt, target]`` pairs.
         add_eos: end pair targets with EOS (what a generator should learn to stop on).
@@ -89,6 +102,7 @@ class LMDataModule(L.LightningDataModule):
         val: str | list[str] | None = None,
         test: str | list[str] | None = None,
         kind: str = "text",
+        world: str | None = None,
         texts: list[str] | None = None,
         val_texts: list[str] | None = None,
         pairs: list[list[str]] | None = None,
@@ -127,7 +141,7 @@ class LMDataModule(L.LightningDataModule):
         self._resolve_tokenizer()
         h = self.hparams
         if "train" not in self.splits:
-            train = load_examples(h.train, h.kind, h.texts, h.pairs)
+            train = load_examples(h.train, h.kind, h.texts, h.pairs) + world_examples(h.world)
             if stage in (None, "fit") and not train:
                 raise ValueError("the training set is empty: give train files, texts or pairs")
             self.splits["train"] = ExampleDataset(train)

@@ -1,0 +1,28 @@
+"""Every training preset parses (class paths exist, arguments type-check), so no config rots."""
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lethe.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                     if {"model", "data"} <= set(yaml.safe_load(p.read_text()) or {}))
+
+
+def test_there_are_fit_presets():
+    assert len(FIT_PRESETS) >= 5
+
+
+@pytest.mark.parametrize("preset", FIT_PRESETS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_fit_preset_parses(preset):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(preset), "--print_config"])
+    assert exit_.value.code in (0, None), out.getvalue()[-2000:]
+    printed = yaml.safe_load(out.getvalue())
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
