@@ -15,6 +15,7 @@ from __future__ import annotations
 # Add yours with a one-line entry.
 EDITORS: dict[str, str] = {
     "rome": "lightning_modules.rome:ROMEEditor",
+    "mend": "lightning_modules.mend:MENDEditor", "ke": "lightning_modules.knowledge_editor:KEEditor",
 }
 
 

@@ -1,0 +1,173 @@
+"""MEND benchmark: train the editor (Lightning, CPU) on the training slice of edit requests, then edit
+``--n`` held-out facts it never saw (one at a time, each on the original model), next to FT-L
+(constrained fine-tuning of one MLP matrix, from ``editing_rome``) in the same process.
+
+    python benchmarks/editing.py --method mend                                # world decoder
+    python benchmarks/editing.py --method mend --model lethe:world-mlm --steps 300
+    python benchmarks/editing.py --method mend --model lethe:smollm2 --n 30 --steps 60
+
+Requests: the world's CounterFact cases (``world:train``) for world models, ``real_facts`` otherwise,
+split by ``datamodules.edit_training.split_requests`` (held-out / validation / training; held-out
+subjects are also removed from training locality prompts). Of the held-out cases, those the unedited
+model gets right are edited (an edit of an unknown fact measures nothing); the JSON says how many.
+Scores: CounterFact protocol (efficacy/paraphrase/neighborhood) and token accuracy, per edit.
+``editing_ke`` reuses this file with the KE module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lethe import evaluation as ev
+from lethe.edits import EditArtifact
+
+METHOD = "mend"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="lethe:world-decoder")
+    parser.add_argument("--n", type=int, default=200, help="held-out facts to edit")
+    parser.add_argument("--steps", type=int, default=500, help="editor training steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="edit requests per training step")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--layers", type=int, nargs="+", default=None)
+    parser.add_argument("--stack", default=None)
+    parser.add_argument("--rank", type=int, default=256, help="MEND editor rank")
+    parser.add_argument("--batch-edit", type=int, default=10, help="also edit held-out facts N at a time (0: no)")
+    parser.add_argument("--val-size", type=int, default=32)
+    parser.add_argument("--ft-steps", type=int, default=10)
+    parser.add_argument("--ft-lr", type=float, default=5e-3)
+    parser.add_argument("--ft-eps", type=float, default=5e-3)
+    parser.add_argument("--no-ft", action="store_true")
+    parser.add_argument("--out", default=None, help="where the editor checkpoint goes (default: a temp dir)")
+
+
+def module_for(method: str, args, model: str):
+    kw = {}
+    if args.layers:
+        kw["layers"] = args.layers
+    if args.stack:
+        kw["stack"] = args.stack
+    if method == "mend":
+        from lightning_modules.mend import MENDModule
+
+        return MENDModule(model, rank=args.rank, lr=args.lr or 1e-3, lr_alpha=1e-3, alpha_init=1e-3, **kw)
+    from lightning_modules.knowledge_editor import KnowledgeEditorModule
+
+    return KnowledgeEditorModule(model, lr=args.lr or 1e-3, margin_steps=args.steps, **kw)
+
+
+def editor_for(method: str, ckpt: str):
+    if method == "mend":
+        from lightning_modules.mend import MENDEditor
+
+        return MENDEditor(ckpt)
+    from lightning_modules.knowledge_editor import KEEditor
+
+    return KEEditor(ckpt)
+
+
+def run_method(method: str, args) -> dict:
+    import lightning as L
+    from editing_rome import _scores, _summary, ft_l_edit
+
+    from datamodules.edit_training import EditTrainingDataModule
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # the machine is shared; >1 thread under load spins in barriers
+    world = args.model.startswith("lethe:world")
+    source = "world:train" if world else "real_facts"
+    n = 10 if args.quick else args.n
+    steps = 20 if args.quick else args.steps
+    heldout = n + (n // 4 if world else 0)
+    L.seed_everything(args.seed, verbose=False)
+    module = module_for(method, args, args.model)
+    data = EditTrainingDataModule(source=source, seed=args.seed, heldout=heldout,
+                                  val_size=args.val_size if world else 8, batch_size=args.batch_size)
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"lethe_{method}_"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        val_check_interval=None, check_val_every_n_epoch=10**6, inference_mode=False)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    train_s = time.perf_counter() - t0
+    ckpt = out / f"{method}.ckpt"
+    trainer.save_checkpoint(ckpt)
+    train_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    val = trainer.validate(module, datamodule=data, verbose=False)[0]
+
+    from lethe.models import LoadedModel
+
+    loaded = LoadedModel(module.model, module.tokenizer, module.adapter, module.family, module.model_source)
+    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
+    model.eval()
+    held = data.heldout
+    known = ev.counterfact_scores(model, tok, family, held)["efficacy_per_case"]
+    reqs = [r for r, e in zip(held, known) if e == 0.0][:n]
+    editor = editor_for(method, str(ckpt))
+
+    rows, secs = [], []
+    for req in reqs:
+        pre_loc = ev.locality_reference(model, tok, family, [req])
+        t = time.perf_counter()
+        art = editor.edit(loaded, [req])
+        secs.append(time.perf_counter() - t)
+        rows.append(_scores(loaded, req, pre_loc))
+        art.revert(model)
+    result = {
+        "model": args.model, "family": family, "method": method,
+        "protocol": "counterfact (efficacy/paraphrase/neighborhood) + token_accuracy",
+        "edited": [s.param for s in module.sites],
+        "train_steps": steps, "train_batch": args.batch_size, "train_requests": len(data.train_set),
+        "train_seconds": round(train_s, 1), "train_final": train_metrics,
+        "val": {k: round(float(v), 4) for k, v in val.items()},
+        "n_edits": len(reqs), "heldout_pool": len(held), "skipped_unknown_facts": len(held) - sum(
+            1 for e in known if e == 0.0),
+        **_summary(rows, secs),
+    }
+    if args.batch_edit and len(reqs) >= args.batch_edit:
+        b_rows, b_secs = [], []
+        k = args.batch_edit
+        for s in range(0, len(reqs) - k + 1, k):
+            chunk = reqs[s:s + k]
+            pre_loc = ev.locality_reference(model, tok, family, chunk)
+            t = time.perf_counter()
+            art = editor.edit(loaded, chunk)
+            b_secs.append((time.perf_counter() - t) / k)
+            cf = ev.counterfact_scores(model, tok, family, chunk)
+            ta = ev.token_accuracy_scores(model, tok, family, chunk, pre_loc)
+            for i in range(len(chunk)):
+                b_rows.append({"efficacy": cf["efficacy_per_case"][i], "paraphrase": cf["paraphrase_per_case"][i],
+                               "neighborhood": cf["neighborhood_per_case"][i],
+                               "efficacy_acc": ta["efficacy_acc_per_case"][i],
+                               "paraphrase_acc": (ta["paraphrase_acc_per_case"] or [None] * len(chunk))[i],
+                               "locality": ta["locality_per_case"][i]})
+            art.revert(model)
+        result[f"batched_{k}"] = _summary(b_rows, b_secs)
+    if not args.no_ft:
+        site = module.sites[-1]
+        param = dict(model.named_parameters())[site.param]
+        ft_rows, ft_s = [], []
+        for req in reqs:
+            pre_loc = ev.locality_reference(model, tok, family, [req])
+            before = EditArtifact.snapshot(model, [site.param])
+            t = time.perf_counter()
+            ft_l_edit(loaded, req, param, args.ft_steps, args.ft_lr, args.ft_eps)
+            ft_s.append(time.perf_counter() - t)
+            ft_rows.append(_scores(loaded, req, pre_loc))
+            with torch.no_grad():
+                param.copy_(before[site.param])
+        ft = _summary(ft_rows, ft_s)
+        ft.update(param=site.param, steps=args.ft_steps, lr=args.ft_lr, linf_eps=args.ft_eps)
+        result["ft_l"] = ft
+        result[f"{method}_seconds_over_ft"] = round(result["seconds_per_edit"] / max(ft["seconds_per_edit"], 1e-9), 3)
+    return result
+
+
+def run(args) -> dict:
+    return run_method(METHOD, args)

@@ -1,0 +1,82 @@
+"""Edit requests for TRAINING an editor hypernetwork (MEND, KE): a seeded train / validation / held-out split.
+
+``datamodules.edits.EditDataModule`` serves ``lethe edit`` (test loop only); an editor also needs
+train and validation loaders, and a benchmark needs facts the editor never saw. After a seeded shuffle
+of the source's requests the first ``heldout`` are reserved (never served here; ``heldout_requests``
+returns them for evaluation), the next ``val_size`` validate, the rest train. A training request's
+neighbourhood prompts that mention a held-out subject are dropped, so held-out facts do not even
+appear as locality inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.edits import load_requests
+from lethe.records import EditRequest
+
+
+def split_requests(source: str = "world:train", kind: str = "counterfact", seed: int = 0, heldout: int = 250,
+                   val_size: int = 64, train_limit: int | None = None
+                   ) -> tuple[list[EditRequest], list[EditRequest], list[EditRequest]]:
+    """(train, validation, held-out) requests; deterministic for the seed."""
+    reqs = list(load_requests(source, kind))
+    random.Random(seed).shuffle(reqs)
+    if heldout + val_size >= len(reqs):
+        raise ValueError(f"{source} has {len(reqs)} requests: too few for heldout={heldout} + val_size={val_size} "
+                         "and a training set")
+    held, val, train = reqs[:heldout], reqs[heldout:heldout + val_size], reqs[heldout + val_size:]
+    if train_limit is not None:
+        train = train[:train_limit]
+    banned = {r.subject for r in held}
+    return [_without(r, banned) for r in train], [_without(r, banned) for r in val], held
+
+
+def _without(req: EditRequest, subjects: set[str]) -> EditRequest:
+    keep = [i for i, p in enumerate(req.neighborhood_prompts) if not any(s in p for s in subjects)]
+    if len(keep) == len(req.neighborhood_prompts):
+        return req
+    targets = list(getattr(req, "neighborhood_targets", None) or [])
+    return dataclasses.replace(req, neighborhood_prompts=[req.neighborhood_prompts[i] for i in keep],
+                               neighborhood_targets=[targets[i] for i in keep] if targets else [])
+
+
+def _as_list(items: list) -> list:
+    return list(items)
+
+
+class EditTrainingDataModule(L.LightningDataModule):
+    """Batches (lists) of edit requests for training and validating an editor.
+
+    Args:
+        source / kind: as ``EditDataModule`` (``world[:split]``, ``real_facts`` or a record file).
+        seed: the split's shuffle seed. heldout / val_size / train_limit: the split's sizes.
+        batch_size: requests per training step (per process); shuffle: reshuffle every epoch.
+    """
+
+    def __init__(self, source: str = "world:train", kind: str = "counterfact", seed: int = 0, heldout: int = 250,
+                 val_size: int = 64, train_limit: int | None = None, batch_size: int = 8, shuffle: bool = True,
+                 val_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: list[EditRequest] = []
+        self.val_set: list[EditRequest] = []
+        self.heldout: list[EditRequest] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.train_set:
+            h = self.hparams
+            self.train_set, self.val_set, self.heldout = split_requests(h.source, h.kind, h.seed, h.heldout,
+                                                                        h.val_size, h.train_limit)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle,
+                          collate_fn=_as_list, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                          shuffle=False, collate_fn=_as_list)
