@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--stack", default=None)
     parser.add_argument("--rank", type=int, default=256, help="MEND editor rank")
+    parser.add_argument("--c-edit", type=float, default=0.1, help="MEND's edit-loss weight (paper 0.1)")
     parser.add_argument("--batch-edit", type=int, default=10, help="also edit held-out facts N at a time (0: no)")
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--ft-steps", type=int, default=10)
@@ -56,7 +57,8 @@ def module_for(method: str, args, model: str):
     if method == "mend":
         from lightning_modules.mend import MENDModule
 
-        return MENDModule(model, rank=args.rank, lr=args.lr or 1e-3, lr_alpha=1e-3, alpha_init=1e-3, **kw)
+        return MENDModule(model, rank=args.rank, lr=args.lr or 1e-3, lr_alpha=1e-3, alpha_init=1e-3,
+                          c_edit=args.c_edit, **kw)
     from lightning_modules.knowledge_editor import KnowledgeEditorModule
 
     return KnowledgeEditorModule(model, lr=args.lr or 1e-3, margin_steps=args.steps, **kw)
@@ -123,7 +125,7 @@ def run_method(method: str, args) -> dict:
         "model": args.model, "family": family, "method": method,
         "protocol": "counterfact (efficacy/paraphrase/neighborhood) + token_accuracy",
         "edited": [s.param for s in module.sites],
-        "train_steps": steps, "train_batch": args.batch_size, "train_requests": len(data.train_set),
+        "train_steps": steps, "hparams": {k: v for k, v in module.hparams.items() if k != "model"}, "train_batch": args.batch_size, "train_requests": len(data.train_set),
         "train_seconds": round(train_s, 1), "train_final": train_metrics,
         "val": {k: round(float(v), 4) for k, v in val.items()},
         "n_edits": len(reqs), "heldout_pool": len(held), "skipped_unknown_facts": len(held) - sum(

@@ -14,7 +14,7 @@ import dataclasses
 import random
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from datamodules.edits import load_requests
 from lethe.records import EditRequest
@@ -49,13 +49,47 @@ def _as_list(items: list) -> list:
     return list(items)
 
 
+class GlobalBatchSampler(Sampler[int]):
+    """This process's share of one seeded global order: global batch k = every rank's batch k together.
+
+    So N processes with ``batch_size`` B/N train on exactly the batches one process sees with B (Lightning's
+    own DistributedSampler shuffles by rank instead; presets set ``trainer.use_distributed_sampler: false``).
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        g = self.batch_size * self.world
+        for k in range(self.n // g):
+            yield from order[k * g + self.rank * self.batch_size: k * g + (self.rank + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return (self.n // (self.batch_size * self.world)) * self.batch_size
+
+
+def rank_and_world(trainer) -> tuple[int, int]:
+    if trainer is None:
+        return 0, 1
+    return int(trainer.global_rank), int(trainer.world_size)
+
+
 class EditTrainingDataModule(L.LightningDataModule):
     """Batches (lists) of edit requests for training and validating an editor.
 
     Args:
         source / kind: as ``EditDataModule`` (``world[:split]``, ``real_facts`` or a record file).
         seed: the split's shuffle seed. heldout / val_size / train_limit: the split's sizes.
-        batch_size: requests per training step (per process); shuffle: reshuffle every epoch.
+        batch_size: requests per training step (per process); shuffle: reshuffle every epoch (seeded; one
+            global order split across processes, see ``GlobalBatchSampler``).
     """
 
     def __init__(self, source: str = "world:train", kind: str = "counterfact", seed: int = 0, heldout: int = 250,
@@ -74,7 +108,10 @@ class EditTrainingDataModule(L.LightningDataModule):
                                                                         h.val_size, h.train_limit)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle,
+        rank, world = rank_and_world(getattr(self, "trainer", None))
+        sampler = GlobalBatchSampler(len(self.train_set), self.hparams.batch_size, rank, world, self.hparams.seed,
+                                     self.hparams.shuffle)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=_as_list, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,0 +1,97 @@
+"""KnowledgeEditor: its update is the gradient-conditioned formula on autograd's ∇W, the base model never
+changes, checkpoints reload to identical edits and refuse other editors/models, 2-process training equals
+1-process training, and over-long edits are refused."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from test_mend import REQS, fit, request
+
+from lethe import lm
+from lethe.models import load_model
+from lethe.testing import save_tiny
+from lightning_modules.hypernet_common import (
+    EditInputError,
+    EditorCheckpointError,
+    gradient_factors,
+    grads_from_loss_check,
+)
+from lightning_modules.knowledge_editor import KEEditor, KnowledgeEditorModule
+from lightning_modules.mend import MENDEditor
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    return str(save_tiny("gpt2", tmp_path_factory.mktemp("tiny") / "gpt2"))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "t5"])
+def test_update_is_the_conditioned_gradient_formula(tmp_path, model_type):
+    path = str(save_tiny(model_type, tmp_path / model_type))
+    module = KnowledgeEditorModule(path, layers=[-1], smoothing=0.0)
+    net = module.net.eval()
+    reqs = REQS[:2]
+    batch = lm.encode_pairs(module.tokenizer, module.family, [r.rewrite_prompt for r in reqs],
+                            [r.target_new for r in reqs])
+    fac = gradient_factors(module.model, module.family, module.sites, batch)
+    with torch.no_grad():
+        got = net.deltas(module.model, module.tokenizer, module.family, reqs, [[0], [1]])
+        c = net.condition(module.model, module.tokenizer, reqs)
+    for site in module.sites:
+        one = lm.encode_pairs(module.tokenizer, module.family, [reqs[0].rewrite_prompt], [reqs[0].target_new])
+        grad = grads_from_loss_check(module.model, module.family, site, one)  # autograd on the parameter
+        x, d = fac.select(site, [0])
+        torch.testing.assert_close(d.T @ x, grad, rtol=1e-4, atol=1e-6)
+        m, n = site.shape
+        with torch.no_grad():
+            col_a, row_a, col_b, row_b, eta = net.conditioners[site.module.replace(".", "__")](c[0]).split(
+                [n, m, n, m, 1])
+            a = torch.outer(row_a.softmax(-1), col_a)
+            b = torch.outer(row_b.softmax(-1), col_b)
+            want = -net.max_scale * torch.sigmoid(eta) * (grad * a + b)
+        torch.testing.assert_close(got[0][site.param], want, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(got[0][site.param], got[1][site.param])  # each edit its own text and gradient
+
+
+def test_training_keeps_base_and_checkpoint_reloads(tiny_gpt2, tmp_path):
+    L.seed_everything(0)
+    module = KnowledgeEditorModule(tiny_gpt2, layers=[-1], lr=1e-2)
+    base = {k: v.clone() for k, v in module.model.state_dict().items()}
+    net0 = {k: v.clone() for k, v in module.net.state_dict().items()}
+    trainer = fit(module, steps=3)
+    assert all(torch.equal(base[k], v) for k, v in module.model.state_dict().items())
+    assert any(not torch.equal(net0[k], v) for k, v in module.net.state_dict().items())
+    assert float(module.lagrange) >= 0.0
+    ckpt = tmp_path / "ke.ckpt"
+    trainer.save_checkpoint(ckpt)
+    module.net.eval()
+    with torch.no_grad():
+        want = module.net.deltas(module.model, module.tokenizer, module.family, REQS[:3])[0]
+    fresh = load_model(tiny_gpt2)
+    art = KEEditor(str(ckpt)).edit(fresh, REQS[:3])
+    for name, d in want.items():
+        torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)
+    art.revert(fresh.model)
+    assert all(torch.equal(base[k], v) for k, v in fresh.model.state_dict().items())
+    KnowledgeEditorModule.load_from_checkpoint(ckpt)
+    with pytest.raises(EditorCheckpointError, match="other layers"):
+        KnowledgeEditorModule.load_from_checkpoint(ckpt, layers=[0])
+    with pytest.raises(EditorCheckpointError, match="not a 'mend'"):
+        MENDEditor(str(ckpt)).edit(fresh, REQS[:1])
+    with pytest.raises(EditInputError, match="case 5"):
+        KEEditor(str(ckpt)).edit(fresh, [request(5, target_new=" ".join(["w20"] * 70))])
+
+
+def _state(path: str, devices: int, batch_size: int) -> dict:
+    L.seed_everything(0)
+    module = KnowledgeEditorModule(path, layers=[-1], lr=1e-3)
+    fit(module, steps=2, batch_size=batch_size, devices=devices, **({"strategy": "ddp_spawn"} if devices > 1 else {}))
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if not k.startswith("model.")}
+
+
+def test_two_process_training_equals_one_process(tiny_gpt2):
+    one, two = _state(tiny_gpt2, 1, 4), _state(tiny_gpt2, 2, 2)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)

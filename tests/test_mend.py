@@ -1,0 +1,194 @@
+"""MEND: the update is the outer product it claims (against autograd), the base model never changes while
+the editor trains, checkpoints reload to identical edits and refuse other models/layers, 2-process
+training equals 1-process training, over-long edits are refused, and a trained editor edits held-out
+world facts."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.edit_training import GlobalBatchSampler, rank_and_world, split_requests
+from lethe import evaluation as ev
+from lethe import lm
+from lethe.models import LoadedModel, load_model
+from lethe.records import EditRequest
+from lethe.testing import save_tiny
+from lightning_modules.hypernet_common import (
+    EditInputError,
+    EditorCheckpointError,
+    gradient_factors,
+    grads_from_loss_check,
+)
+from lightning_modules.mend import MENDEditor, MENDModule
+
+
+def request(i: int = 0, **kw) -> EditRequest:
+    base = {"prompt": "w1 {} w3", "subject": f"w{5 + i} w6", "target_new": "w10", "target_true": "w11",
+            "paraphrase_prompts": [f"w7 w{5 + i} w6 w3"], "neighborhood_prompts": [f"w8 w{40 + i} w3"],
+            "neighborhood_targets": ["w12"], "case_id": i}
+    base.update(kw)
+    return EditRequest(**base)
+
+
+REQS = [request(i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {t: str(save_tiny(t, root / t)) for t in ("gpt2", "llama", "t5", "bert")}
+
+
+class ListData(L.LightningDataModule):
+    """Requests in order (no shuffling, also under DDP's sampler): ranks split each global batch."""
+
+    def __init__(self, reqs, batch_size):
+        super().__init__()
+        self.reqs, self.batch_size = reqs, batch_size
+
+    def train_dataloader(self):
+        rank, world = rank_and_world(self.trainer)
+        sampler = GlobalBatchSampler(len(self.reqs), self.batch_size, rank, world, shuffle=False)
+        return torch.utils.data.DataLoader(self.reqs, batch_size=self.batch_size, sampler=sampler, collate_fn=list)
+
+
+def fit(module, reqs=REQS, steps=3, batch_size=4, **trainer_kw):
+    kw = {"accelerator": "cpu", "devices": 1, "max_steps": steps, "logger": False, "enable_checkpointing": False,
+          "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+          "use_distributed_sampler": False}
+    kw.update(trainer_kw)
+    trainer = L.Trainer(**kw)
+    trainer.fit(module, datamodule=ListData(reqs, batch_size))
+    return trainer
+
+
+def loaded_of(module) -> LoadedModel:
+    return LoadedModel(module.model, module.tokenizer, module.adapter, module.family, module.model_source)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5", "bert"])
+def test_update_is_the_claimed_outer_product(tiny_dirs, model_type):
+    module = MENDModule(tiny_dirs[model_type], layers=[0, 1], rank=8, alpha_init=0.5)
+    batch = lm.encode_pairs(module.tokenizer, module.family, [r.rewrite_prompt for r in REQS[:3]],
+                            [r.target_new for r in REQS[:3]])
+    fac = gradient_factors(module.model, module.family, module.sites, batch)
+    net = module.net.eval()
+    for j, site in enumerate(module.sites):
+        ref = grads_from_loss_check(module.model, module.family, site, batch)  # autograd on the parameter
+        x, d = fac.x[site.module], fac.delta[site.module]
+        torch.testing.assert_close(d.T @ x, ref, rtol=1e-4, atol=1e-6)
+        # identity-initialised editor, no statistics yet: ΔW = −α Σ δ xᵀ = −α ∇W exactly
+        torch.testing.assert_close(net.update_for(j, site, x, d), -0.5 * ref, rtol=1e-4, atol=1e-6)
+    # a trained-looking editor: ΔW = −α Σ δ̃ ũᵀ from the MLP's own outputs, rank ≤ number of tokens
+    with torch.no_grad():
+        for p in net.mlps.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    for j, site in enumerate(module.sites):
+        x, d = fac.x[site.module], fac.delta[site.module]
+        z = net.mlps[net.shape_key[site.shape]](torch.cat([x, d], -1), net.mode[site.module])
+        u_t, d_t = z.split([site.in_features, site.out_features], -1)
+        upd = net.update_for(j, site, x, d)
+        torch.testing.assert_close(upd, -0.5 * sum(torch.outer(d_t[t], u_t[t]) for t in range(len(x))),
+                                   rtol=1e-4, atol=1e-6)
+        assert torch.linalg.matrix_rank(upd) <= x.shape[0]
+        assert upd.shape == site.shape
+
+
+def test_base_model_never_changes_and_editor_learns(tiny_dirs):
+    L.seed_everything(0)
+    module = MENDModule(tiny_dirs["gpt2"], layers=[-1], rank=8, lr=1e-2, lr_alpha=1e-2)
+    base = {k: v.clone() for k, v in module.model.state_dict().items()}
+    editor0 = {k: v.clone() for k, v in module.net.state_dict().items()}
+    fit(module, steps=3)
+    assert all(torch.equal(base[k], v) for k, v in module.model.state_dict().items())
+    assert not any(p.requires_grad for p in module.model.parameters())
+    changed = [k for k, v in module.net.state_dict().items() if not torch.equal(editor0[k], v)]
+    assert "alpha" in changed and any(k.startswith("mlps.") for k in changed)
+    assert module.net.x_norm[next(iter(module.net.x_norm))].count > 0  # running statistics were updated
+
+
+def test_checkpoint_reloads_to_identical_edits_and_refuses_others(tiny_dirs, tmp_path):
+    L.seed_everything(0)
+    module = MENDModule(tiny_dirs["gpt2"], layers=[-1], rank=8, lr=1e-2, lr_alpha=1e-2)
+    trainer = fit(module, steps=2)
+    ckpt = tmp_path / "mend.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith("model.") for k in saved["state_dict"])  # the editor only
+    module.net.eval()
+    with torch.no_grad():
+        want = module.net.deltas(module.model, module.tokenizer, module.family, REQS[:2])[0]
+    fresh = load_model(tiny_dirs["gpt2"])
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    art = MENDEditor(str(ckpt)).edit(fresh, REQS[:2])
+    assert set(art.deltas) == set(want)
+    for name, d in want.items():
+        torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)  # Conv1D layout
+    art2 = MENDEditor(str(ckpt)).edit(load_model(tiny_dirs["gpt2"]), REQS[:2])
+    assert all(torch.equal(art.deltas[k], art2.deltas[k]) for k in art.deltas)
+    art.revert(fresh.model)
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    # the Lightning module reloads too (resume path), and refuses other layers / other models
+    MENDModule.load_from_checkpoint(ckpt)
+    with pytest.raises(EditorCheckpointError, match="other layers"):
+        MENDModule.load_from_checkpoint(ckpt, layers=[0])
+    with pytest.raises(EditorCheckpointError, match="gpt2"):
+        MENDEditor(str(ckpt)).edit(load_model(tiny_dirs["llama"]), REQS[:1])
+    other = tmp_path / "gpt2_seed1"
+    save_tiny("gpt2", other, seed=1)
+    with pytest.raises(EditorCheckpointError, match="other weights"):
+        MENDEditor(str(ckpt)).edit(load_model(str(other)), REQS[:1])
+
+
+def test_edit_longer_than_context_is_refused(tiny_dirs, tmp_path):
+    module = MENDModule(tiny_dirs["gpt2"], layers=[-1], rank=8)
+    long = request(3, target_new=" ".join(["w20"] * 70))
+    with pytest.raises(EditInputError, match="case 3"):
+        module.net.deltas(module.model, module.tokenizer, module.family, [REQS[0], long])
+
+
+STEPS = 2
+
+
+def _train_state(path: str, devices: int, batch_size: int) -> dict:
+    L.seed_everything(0)
+    module = MENDModule(path, layers=[-1], rank=8, lr=1e-3, lr_alpha=1e-3, alpha_init=0.1)
+    kw = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    fit(module, steps=STEPS, batch_size=batch_size, devices=devices, **kw)
+    return {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+
+
+def test_two_process_training_equals_one_process(tiny_dirs):
+    one = _train_state(tiny_dirs["gpt2"], 1, 4)
+    two = _train_state(tiny_dirs["gpt2"], 2, 2)  # same global batch of 4
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_trained_editor_edits_heldout_world_facts(tmp_path):
+    """20 training steps on the world decoder's training edits, then 8 held-out facts."""
+    L.seed_everything(0)
+    train, _, held = split_requests("world:train", heldout=20, val_size=4)
+    assert not {r.case_id for r in held} & {r.case_id for r in train}  # held-out facts never trained on
+    assert not any(h.subject in p for h in held for r in train for p in r.neighborhood_prompts)
+    module = MENDModule("lethe:world-decoder", rank=128, lr=1e-3, lr_alpha=1e-3, alpha_init=1e-3)
+    trainer = fit(module, reqs=train[:160], steps=20, batch_size=8)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = loaded_of(module)
+    reqs = held[:8]
+    pre = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, reqs)
+    editor = MENDEditor(str(tmp_path / "m.ckpt"))
+    eff, para, nb = [], [], []
+    for r in reqs:
+        art = editor.edit(loaded, [r])
+        s = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, [r])
+        eff.append(s["efficacy"])
+        para.append(s["paraphrase"])
+        nb.append(s["neighborhood"])
+        art.revert(loaded.model)
+    assert pre["efficacy"] <= 0.25  # the model knew these facts
+    assert sum(eff) / len(eff) >= 0.6
+    assert sum(para) / len(para) > pre["paraphrase"]
+    assert sum(nb) / len(nb) >= 0.8
