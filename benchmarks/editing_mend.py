@@ -32,13 +32,14 @@ METHOD = "mend"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lethe:world-decoder")
     parser.add_argument("--n", type=int, default=200, help="held-out facts to edit")
-    parser.add_argument("--steps", type=int, default=500, help="editor training steps")
+    parser.add_argument("--steps", type=int, default=200, help="editor training steps")
     parser.add_argument("--batch-size", type=int, default=8, help="edit requests per training step")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--stack", default=None)
     parser.add_argument("--rank", type=int, default=256, help="MEND editor rank")
-    parser.add_argument("--c-edit", type=float, default=0.1, help="MEND's edit-loss weight (paper 0.1)")
+    parser.add_argument("--c-edit", type=float, default=1.0,
+                        help="MEND's edit-loss weight (paper 0.1: too weak against the KL on the tiny world models)")
     parser.add_argument("--batch-edit", type=int, default=10, help="also edit held-out facts N at a time (0: no)")
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--ft-steps", type=int, default=10)
@@ -57,7 +58,7 @@ def module_for(method: str, args, model: str):
     if method == "mend":
         from lightning_modules.mend import MENDModule
 
-        return MENDModule(model, rank=args.rank, lr=args.lr or 1e-3, lr_alpha=1e-3, alpha_init=1e-3,
+        return MENDModule(model, rank=args.rank, lr=args.lr or 3e-4, lr_alpha=1e-3, alpha_init=1e-3,
                           c_edit=args.c_edit, **kw)
     from lightning_modules.knowledge_editor import KnowledgeEditorModule
 

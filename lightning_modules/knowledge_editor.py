@@ -129,7 +129,7 @@ class KnowledgeEditorModule(HypernetModule):
         return h.margin_max + (h.margin_min - h.margin_max) * frac
 
     def combine_loss(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.log("train/lagrange", self.lagrange.detach(), sync_dist=True)
+        self.log("train/lagrange", self.lagrange.detach(), sync_dist=True, batch_size=1)
         return parts["edit_nll"] + self.lagrange * (parts["loc_kl"] - self.margin())
 
     def on_after_backward(self) -> None:
