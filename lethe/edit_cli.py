@@ -16,6 +16,7 @@ from __future__ import annotations
 EDITORS: dict[str, str] = {
     "rome": "lightning_modules.rome:ROMEEditor",
     "mend": "lightning_modules.mend:MENDEditor", "ke": "lightning_modules.knowledge_editor:KEEditor",
+    "kn": "lightning_modules.knowledge_neurons:KnowledgeNeuronsEditor",
 }
 
 
