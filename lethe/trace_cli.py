@@ -1,0 +1,147 @@
+"""``lethe trace``: causal tracing of facts, written as heatmap PNGs and a JSON of indirect effects.
+
+One fact::
+
+    lethe trace --model lethe:smollm2 --prompt "The capital of {} is" --subject France --target Paris --out traces/
+
+Many facts, averaged into the paper's Figure-1 view and a suggested edit layer (ROME) / range (MEMIT)::
+
+    lethe trace --model lethe:world-decoder --requests world:train --n 50 --out traces/world
+
+Writes ``<out>/trace_<i>.png`` per fact (up to ``--plot-max``), ``<out>/average.png`` when several
+facts are traced, and ``<out>/trace.json`` (per-fact restored probabilities and indirect effects,
+the averages, the suggested layers). Every file is written atomically. ``--logger wandb`` also
+logs the pictures and the suggestion to a wandb run (honours ``WANDB_MODE=offline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from lethe.io import write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lethe trace", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub name, local folder or lethe alias")
+    p.add_argument("--prompt", help="prompt with {} for the subject")
+    p.add_argument("--subject")
+    p.add_argument("--target", default=None, help="object to trace (default: the model's own top-1 answer)")
+    p.add_argument("--requests", default=None,
+                   help="trace many facts: world[:split], real_facts or a CounterFact file (their true objects)")
+    p.add_argument("--n", type=int, default=20, help="facts to trace with --requests")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--kinds", default="block,mlp,attn", help="comma list of block, mlp, attn")
+    p.add_argument("--samples", type=int, default=10, help="noise samples per cell")
+    p.add_argument("--noise", type=float, default=None, help="noise scale ν (default 3 × subject-embedding std)")
+    p.add_argument("--window", type=int, default=None, help="layers restored together for mlp/attn")
+    p.add_argument("--stack", default=None, help="stack to restore (default: the edited one)")
+    p.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot-max", type=int, default=10, help="per-fact heatmaps to draw")
+    p.add_argument("--logger", default="none", help="none or wandb")
+    p.add_argument("--project", default="lethe", help="wandb project")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from lethe import tracing
+    from lethe.models import load_model
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in tracing.KINDS]
+    if bad:
+        raise SystemExit(f"lethe trace: unknown --kinds {bad}; choose from {list(tracing.KINDS)}")
+    if args.requests:
+        from lethe.records import read_records
+
+        facts = _requests(args.requests, args.n, read_records)
+    else:
+        if not args.prompt or not args.subject:
+            raise SystemExit("lethe trace: give --prompt and --subject (or --requests for many facts)")
+        facts = [(args.prompt, args.subject, args.target)]
+    if args.logger not in ("none", "wandb"):
+        raise SystemExit(f"lethe trace: --logger must be none or wandb, got {args.logger!r}")
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device)
+    noise = args.noise
+    if noise is None:
+        noise = tracing.embedding_noise_level(model, loaded.tokenizer, [s for _, s, _ in facts], 3.0,
+                                              loaded.adapter, loaded.family)
+    out = Path(args.out)
+    results, t0 = [], time.perf_counter()
+    for prompt, subject, target in tqdm(facts, desc="facts", disable=len(facts) == 1):
+        results.append(tracing.trace_fact(model, loaded.tokenizer, prompt, subject, target, kinds=kinds,
+                                          noise=noise, samples=args.samples, window=args.window,
+                                          stack=args.stack, batch_size=args.batch_size, seed=args.seed,
+                                          adapter=loaded.adapter, family=loaded.family,
+                                          progress=len(facts) == 1))
+    seconds = time.perf_counter() - t0
+    pictures = [tracing.plot_trace(r, out / f"trace_{i}.png") for i, r in enumerate(results[: args.plot_max])]
+    summary: dict = {"model": args.model, "family": loaded.family, "facts": len(results), "noise": noise,
+                     "samples": args.samples, "kinds": kinds, "seconds": round(seconds, 2),
+                     "mean_clean_p": sum(r.high_score for r in results) / len(results),
+                     "mean_corrupted_p": sum(r.low_score for r in results) / len(results)}
+    if len(results) > 1 or "mlp" in kinds:
+        avg = tracing.average_effects(results, kinds)
+        summary["average_effect"] = {k: [[None if math.isnan(v) else round(float(v), 5) for v in row] for row in g.tolist()]
+                                     for k, g in avg.items()}
+        summary["categories"] = list(tracing.CATEGORIES)
+        if "mlp" in avg:
+            summary["suggested"] = tracing.suggest_layers(avg, "mlp")
+        if len(results) > 1:
+            pictures.append(tracing.plot_average(avg, out / "average.png",
+                                                 title=f"{args.model}: average indirect effect",
+                                                 n_facts=len(results)))
+    write_json(out / "trace.json", {"summary": summary, "traces": [r.to_dict() for r in results]})
+    if args.logger == "wandb":
+        import wandb
+
+        run = wandb.init(project=args.project, dir=str(out), name=f"trace-{Path(args.model).name}",
+                         config=vars(args))
+        run.log({p.stem: wandb.Image(str(p)) for p in pictures})
+        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict | list)})
+        run.finish()
+    return summary
+
+
+def _requests(source: str, n: int, read_records) -> list[tuple[str, str, str]]:
+    """(prompt, subject, true object) of the first ``n`` requests of a source (the same sources as
+    ``lethe edit``'s datamodule: world[:split], real_facts, or a CounterFact file)."""
+    if source == "world" or source.startswith("world:"):
+        from lethe.world_models import load_world
+
+        reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
+    elif source == "real_facts":
+        reqs = read_records(Path(__file__).resolve().parent / "data" / "real_facts.json", "counterfact")
+    elif Path(source).exists():
+        reqs = read_records(source, "counterfact")
+    else:
+        raise SystemExit(f"lethe trace: --requests {source}: not world[:split], real_facts or an existing file")
+    facts = [(r.prompt, r.subject, r.target_true) for r in list(reqs)[:n]]
+    if not facts:
+        raise SystemExit(f"lethe trace: --requests {source} gave no facts")
+    return facts
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
+    summary = run(args)
+    print(f"traced {summary['facts']} fact(s) in {summary['seconds']} s; clean P {summary['mean_clean_p']:.3f}, "
+          f"corrupted P {summary['mean_corrupted_p']:.3f}; wrote {args.out}/trace.json")
+    if "suggested" in summary:
+        s = summary["suggested"]
+        print(f"suggested edit layer (peak MLP effect at the subject's last token): {s['rome_layer']}; "
+              f"MEMIT range: {s['memit_layers']}")
