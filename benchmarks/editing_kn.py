@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relation-facts", type=int, default=10, help="facts attributed for the erased relation")
     parser.add_argument("--eval-facts", type=int, default=60, help="facts scored per relation group")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lambda-old", type=float, default=1.0, help="edit: v -= lambda_old E[old] (paper: 1)")
+    parser.add_argument("--lambda-new", type=float, default=8.0, help="edit: v += lambda_new E[new] (paper: 8)")
     parser.add_argument("--smollm2-layers", type=int, default=4, help="top layers attributed on SmolLM2")
 
 
@@ -70,7 +72,8 @@ def run_model(name: str, args, log) -> dict:
         total = loaded.adapter.num_layers(model)
         layers = list(range(total - args.smollm2_layers, total))
     max_rows = 256 if world else args.steps * 2
-    editor = KnowledgeNeuronsEditor(layers=layers, steps=args.steps, max_prompts=args.prompts, max_rows=max_rows)
+    editor = KnowledgeNeuronsEditor(layers=layers, steps=args.steps, max_prompts=args.prompts, max_rows=max_rows,
+                                    lambda_old=args.lambda_old, lambda_new=args.lambda_new)
     reqs = load_requests("world:train" if world else "real_facts")
     rng = random.Random(args.seed)
     rng.shuffle(reqs)
@@ -147,7 +150,8 @@ def run_model(name: str, args, log) -> dict:
                         "n_facts_with_neurons": len(drops), "mean_refined_neurons": _mean(sizes),
                         "refined_drop": _mean(drops), "random_drop": _mean(rdrops), "enhance_rise": _mean(rises)},
         "erasure": erase,
-        "edit": {"protocol": "counterfact", "n": len(facts), "efficacy": _mean(eff), "paraphrase": _mean(para),
+        "edit": {"protocol": "counterfact", "n": len(facts), "lambda_old": args.lambda_old,
+                 "lambda_new": args.lambda_new, "efficacy": _mean(eff), "paraphrase": _mean(para),
                  "neighborhood": _mean(nb)},
         "throughput": {"prompts_per_s": n_prompts / att_s, "step_by_step_prompts_per_s": seq_pps,
                        "speedup": (n_prompts / att_s) / seq_pps},
