@@ -125,8 +125,8 @@ def test_metrics_same_on_one_and_two_processes(tiny_dir, tmp_path):
     from datamodules.forget_retain import ForgetRetainDataModule
     from lightning_modules.unlearning import UnlearningModule
 
-    data = dict(forget_texts=_texts(5, 0), retain_texts=_texts(7, 1), unseen_texts=_texts(3, 2), batch_size=2,
-                eval_batch_size=2)
+    data = {"forget_texts": _texts(5, 0), "retain_texts": _texts(7, 1), "unseen_texts": _texts(3, 2),
+            "batch_size": 2, "eval_batch_size": 2}
     # one process, no trainer: the whole of each set
     module = UnlearningModule(tiny_dir, method="ga", lr=0.0)
     dm = ForgetRetainDataModule(**data)

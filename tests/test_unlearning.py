@@ -197,8 +197,8 @@ def test_bad_input(tiny):
         dm.setup()
     assert len(dm.sets["retain"]) == 1
     long = [" ".join(["w1"] * 40)]
+    dm = _dm(m, forget_texts=long, max_length=16)
     with pytest.warns(UserWarning, match="longer than 16 tokens"):
-        dm = _dm(m, forget_texts=long, max_length=16)
         dm.setup()
     assert dm.eval_batches("forget")[0]["input_ids"].shape[1] <= 16
     with pytest.raises(ValueError, match="longer than 16"):
