@@ -14,7 +14,7 @@ from __future__ import annotations
 # Editing methods: name -> "module:Class" of a class with ``edit(loaded, requests) -> EditArtifact``.
 # Add yours with a one-line entry.
 EDITORS: dict[str, str] = {
-    "rome": "lightning_modules.rome:ROMEEditor",
+    "rome": "lightning_modules.rome:ROMEEditor", "memit": "lightning_modules.memit:MEMITEditor",
     "mend": "lightning_modules.mend:MENDEditor", "ke": "lightning_modules.knowledge_editor:KEEditor",
     "kn": "lightning_modules.knowledge_neurons:KnowledgeNeuronsEditor",
 }

@@ -1,0 +1,222 @@
+"""MEMIT benchmark: many facts in ONE call, against constrained fine-tuning of the same layers.
+
+    python benchmarks/editing.py --method memit                                  # world decoder, 100 and 1000 edits
+    python benchmarks/editing.py --method memit --model lethe:smollm2 --n 100    # real facts
+    python benchmarks/editing.py --method memit --model lethe:world-mlm --n 100
+
+Requests: the world's CounterFact cases (``world:train``) for world models, ``real_facts`` otherwise;
+only facts the unedited model knows (P(true) > P(new)) are edited. With many edits in one batch, a
+neighbourhood prompt whose subject is itself edited for the same relation would be *meant* to change;
+such prompts are left out of the neighbourhood score (the JSON says how many).
+
+Baseline ("ft"): plain constrained fine-tuning of the same MLP output projections MEMIT edits, on all
+rewrite prompts at once (Adam, ``--ft-epochs`` over minibatches, ‖ΔW‖∞ ≤ ``--ft-eps`` after each
+step), run in the same process on the same requests. Scores use the CounterFact protocol.
+Peak memory: process peak RSS (``resource``), tracemalloc peaks of each phase, and on CUDA
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import sys
+import time
+import tracemalloc
+
+import torch
+
+from lethe import evaluation as ev
+from lethe import lm
+from lethe.edits import EditArtifact, fingerprint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="lethe:world-decoder")
+    parser.add_argument("--n", default=None, help="edits per batch, comma list (default: 100,1000 on the world)")
+    parser.add_argument("--preset", default=None, help="MEMIT preset (default: from the model name)")
+    parser.add_argument("--layers", default=None, help="edited layers, comma list (default: the preset's)")
+    parser.add_argument("--lam", type=float, default=None, help="mom2_update_weight λ")
+    parser.add_argument("--position", default=None, help="subject_last or prompt_last")
+    parser.add_argument("--mom2-n", type=int, default=None, help="covariance sample count (texts)")
+    parser.add_argument("--requests", default=None, help="world:train, real_facts or a CounterFact file")
+    parser.add_argument("--ft-epochs", type=int, default=10)
+    parser.add_argument("--ft-lr", type=float, default=5e-3)
+    parser.add_argument("--ft-eps", type=float, default=5e-3, help="L∞ bound on FT's weight delta")
+    parser.add_argument("--no-ft", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
+
+
+def _preset(model: str) -> str:
+    for name in ("world-decoder", "world-mlm", "world-seq2seq", "smollm2"):
+        if model.endswith(name):
+            return name
+    return "gpt2-xl"
+
+
+def _load(name: str, device: str):
+    from lethe.models import ModelLoadError, load_model
+
+    try:
+        loaded = load_model(name)
+    except ModelLoadError:
+        if name != "lethe:smollm2":
+            raise
+        from lethe.smollm2 import ensure_smollm2  # until the alias is registered
+
+        loaded = load_model(str(ensure_smollm2()))
+        loaded.source = name
+    loaded.model.to(device)
+    return loaded
+
+
+def without_edited_neighbours(reqs: list) -> tuple[list, int]:
+    """Copies of the requests whose neighbourhood prompts about another EDITED subject (same relation) are
+    dropped: those are supposed to change, so they cannot measure bleed."""
+    edited: dict[str | None, list[str]] = {}
+    for r in reqs:
+        edited.setdefault(r.relation, []).append(r.subject)
+    out, dropped = [], 0
+    for r in reqs:
+        pairs = ev.neighbor_pairs(r)
+        keep = [i for i, (p, _) in enumerate(pairs)
+                if not any(s != r.subject and s in p for s in edited.get(r.relation, []))]
+        dropped += len(pairs) - len(keep)
+        targets = getattr(r, "neighborhood_targets", None) or []
+        out.append(dataclasses.replace(r, neighborhood_prompts=[r.neighborhood_prompts[i] for i in keep],
+                                       **({"neighborhood_targets": [targets[i] for i in keep]} if targets else {})))
+    return out, dropped
+
+
+def ft_constrained(loaded, reqs: list, params: list[torch.nn.Parameter], epochs: int, lr: float, eps: float,
+                   batch_size: int = 64, seed: int = 0) -> None:
+    """Fine-tune only ``params`` on the rewrite prompts' target NLL, keeping ‖ΔW‖∞ ≤ eps (FT-W)."""
+    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
+    device = params[0].device
+    w0 = [p.detach().clone() for p in params]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(reqs), generator=gen).tolist()
+            for s in range(0, len(order), batch_size):
+                chunk = [reqs[i] for i in order[s:s + batch_size]]
+                batch = lm.to_device(lm.encode_pairs(tok, family, [r.rewrite_prompt for r in chunk],
+                                                     [r.target_new for r in chunk]), device)
+                with torch.enable_grad():
+                    loss = lm.sequence_nll(model, batch, family).mean()
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for p, w in zip(params, w0):
+                        p.copy_(w + (p - w).clamp(-eps, eps))
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+def _scores(loaded, reqs) -> dict:
+    cf = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, reqs)
+    return {k: (round(cf[k], 4) if cf[k] is not None else None) for k in ("efficacy", "paraphrase", "neighborhood")}
+
+
+def _mb(x: float) -> float:
+    return round(x / 2**20, 1)
+
+
+def run(args) -> dict:
+    from datamodules.edits import load_requests
+    from lightning_modules.memit import MEMITEditor
+
+    torch.manual_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    loaded = _load(args.model, device)
+    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
+    preset = args.preset or _preset(args.model)
+    world = args.model.startswith("lethe:world")
+    sizes = [int(x) for x in (args.n or ("100,1000" if world else "100")).split(",")]
+    if args.quick:
+        sizes = [min(sizes[0], 10)]
+    overrides = {"layers": [int(x) for x in args.layers.split(",")] if args.layers else None,
+                 "mom2_update_weight": args.lam, "position": args.position, "mom2_n_samples": args.mom2_n}
+    if args.quick:
+        overrides["mom2_n_samples"] = overrides["mom2_n_samples"] or 500
+    editor = MEMITEditor(preset, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+                         overrides={k: v for k, v in overrides.items() if v is not None})
+    hp = editor.hp
+    source = args.requests or ("world:train" if world else "real_facts")
+    pool = load_requests(source)
+    known = ev.counterfact_scores(model, tok, family, pool)["efficacy_per_case"]
+    usable = [r for r, e in zip(pool, known) if e == 0.0]
+    t0 = time.perf_counter()
+    layers = editor.validate(loaded, usable[:1])
+    for layer in layers:
+        editor.covariance(loaded, layer)
+    cov_s = time.perf_counter() - t0
+    editor.prefixes(loaded)
+    names = [loaded.adapter.mlp_out_name(layer, hp.stack) + ".weight" for layer in layers]
+    params = [dict(model.named_parameters())[n] for n in names]
+    fps = [fingerprint(p) for p in params]
+
+    runs = []
+    for n in sizes:
+        reqs, dropped = without_edited_neighbours(usable[:n])
+        row: dict = {"n_edits": len(reqs), "neighbour_prompts_left_out": dropped}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        tracemalloc.start()
+        t = time.perf_counter()
+        art = editor.edit(loaded, reqs)
+        secs = time.perf_counter() - t
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        row["memit"] = {**_scores(loaded, reqs), "seconds": round(secs, 2),
+                        "seconds_per_edit": round(secs / len(reqs), 4),
+                        "z_seconds": round(editor.last_stats["z_seconds"], 2),
+                        "z_final_nll_mean": round(editor.last_stats["z_final_nll_mean"], 4),
+                        "residual_left": round(editor.last_stats["residual_left"], 4),
+                        "tracemalloc_peak_mb": _mb(peak)}
+        if torch.cuda.is_available():
+            row["memit"]["cuda_peak_mb"] = _mb(torch.cuda.max_memory_allocated())
+        art.revert(model)
+        row["revert_exact"] = [fingerprint(p) for p in params] == fps
+        if not args.no_ft:
+            before = EditArtifact.snapshot(model, names)
+            tracemalloc.start()
+            t = time.perf_counter()
+            ft_constrained(loaded, reqs, params, args.ft_epochs, args.ft_lr, args.ft_eps, seed=args.seed)
+            secs = time.perf_counter() - t
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            row["ft"] = {**_scores(loaded, reqs), "seconds": round(secs, 2),
+                         "seconds_per_edit": round(secs / len(reqs), 4), "tracemalloc_peak_mb": _mb(peak),
+                         "epochs": args.ft_epochs, "lr": args.ft_lr, "linf_eps": args.ft_eps}
+            with torch.no_grad():
+                for p, name in zip(params, names):
+                    p.copy_(before[name])
+            row["memit_seconds_over_ft"] = round(row["memit"]["seconds"] / max(row["ft"]["seconds"], 1e-9), 2)
+        runs.append(row)
+        print(f"[memit] {row}", file=sys.stderr, flush=True)
+
+    return {
+        "model": args.model, "family": family, "protocol": "counterfact", "preset": preset, "layers": layers,
+        "stack": hp.stack or loaded.adapter.default_stack, "position": hp.position,
+        "mom2_update_weight": hp.mom2_update_weight, "clamp_norm_factor": hp.clamp_norm_factor,
+        "covariance_corpus": hp.mom2_corpus if isinstance(hp.mom2_corpus, str) else "texts",
+        "covariance_samples": hp.mom2_n_samples, "covariance_seconds": round(cov_s, 2),
+        "known_facts": len(usable), "requests_source": source, "device": device,
+        "runs": runs, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
