@@ -99,7 +99,10 @@ PRESETS: dict[str, dict] = {
                   "clamp_norm_factor": 4.0, "mom2_update_weight": 5000.0},
     "world-seq2seq": {"layers": [0, 1], "stack": "encoder", "mom2_corpus": "world", "mom2_n_samples": 4000,
                       "context_source": "corpus", "clamp_norm_factor": 4.0, "mom2_update_weight": 5000.0},
-    "smollm2": {"layers": [2, 3, 4, 5], "mom2_corpus": "tofu+pydoc", "mom2_n_samples": 400,
+    # SmolLM2 (30 blocks): its trace (benchmarks/results/trace_smollm2*) shows the subject's residual carrying the
+    # fact through layer ~10, MLP 0 acting as an extended embedding (excluded, as in the papers), and the
+    # windowed MLP effect peaking around layers 3-8; five layers as for GPT-2 XL.
+    "smollm2": {"layers": [3, 4, 5, 6, 7], "mom2_corpus": "tofu+pydoc", "mom2_n_samples": 400,
                 "context_source": "generate", "context_templates": [[5, 10]], "v_steps": 20,
                 "mom2_update_weight": 15000.0},
 }
