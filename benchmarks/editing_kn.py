@@ -59,12 +59,25 @@ def _rel_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return float(((after - before) / before.clamp(min=1e-12)).mean())
 
 
+def _load(name: str):
+    from lethe.models import ModelLoadError
+
+    try:
+        return load_model(name)
+    except ModelLoadError:
+        if name != "lethe:smollm2":
+            raise
+        from lethe.smollm2 import ensure_smollm2  # until the alias is registered, the converter's folder
+
+        return load_model(str(ensure_smollm2(progress=False)))
+
+
 def run_model(name: str, args, log) -> dict:
     from datamodules.edits import load_requests
     from lightning_modules.knowledge_neurons import KnowledgeNeuronsEditor, erase_artifact
 
     world = name.startswith("lethe:world")
-    loaded = load_model(name)
+    loaded = _load(name)
     model, tok, fam = loaded.model, loaded.tokenizer, loaded.family
     n = (2 if args.quick else args.n) if world else (1 if args.quick else args.n_smollm2)
     layers = None
