@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mom2-n", type=int, default=None, help="covariance sample count (texts)")
     parser.add_argument("--requests", default=None, help="world:train, real_facts or a CounterFact file")
     parser.add_argument("--ft-epochs", type=int, default=10)
-    parser.add_argument("--ft-lr", type=float, default=5e-3)
-    parser.add_argument("--ft-eps", type=float, default=5e-3, help="L∞ bound on FT's weight delta")
+    parser.add_argument("--ft-lr", type=float, default=1e-2)
+    parser.add_argument("--ft-eps", type=float, default=5e-2, help="L∞ bound on FT's weight delta")
     parser.add_argument("--no-ft", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
@@ -174,7 +174,8 @@ def run(args) -> dict:
     runs = []
     for n in sizes:
         reqs, dropped = without_edited_neighbours(usable[:n])
-        row: dict = {"n_edits": len(reqs), "neighbour_prompts_left_out": dropped}
+        row: dict = {"n_edits": len(reqs), "neighbour_prompts_left_out": dropped,
+                     "neighbour_prompts_scored": sum(len(r.neighborhood_prompts) for r in reqs)}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         tracemalloc.start()
