@@ -107,7 +107,7 @@ PRESETS: dict[str, dict] = {
     # fact through layer ~10, MLP 0 acting as an extended embedding (excluded, as in the papers), and the
     # windowed MLP effect peaking around layers 3-8; five layers as for GPT-2 XL.
     "smollm2": {"layers": [3, 4, 5, 6, 7], "mom2_corpus": "tofu+pydoc", "mom2_n_samples": 400,
-                "context_source": "generate", "context_templates": [[5, 10]], "v_steps": 20,
+                "context_source": "generate", "context_templates": [[5, 10]], "v_steps": 20, "z_batch_size": 8,
                 "mom2_update_weight": 15000.0},
 }
 
@@ -149,7 +149,12 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
     k = keys.to(torch.float64)
     r = resid.to(torch.float64).to(k.device)
     a = lam * cov.to(torch.float64).to(k.device) + k.T @ k
-    return torch.linalg.solve(a, k.T @ r).T
+    try:
+        return torch.linalg.solve(a, k.T @ r).T
+    except torch.linalg.LinAlgError:
+        # neurons that never fire (ReLU FFNs: T5) give C and K zero rows; the system is still consistent
+        # (Kᵀ R lies in A's range), and the pseudo-inverse gives its minimum-norm solution (ΔW = 0 there)
+        return (torch.linalg.pinv(a, hermitian=True) @ (k.T @ r)).T
 
 
 # --------------------------------------------------------------------------- batched passes

@@ -64,6 +64,19 @@ def test_update_solves_the_normal_equations():
     assert cost(dw) < cost(dw + 1e-3 * torch.randn(5, 12, generator=g, dtype=torch.float64))
 
 
+def test_update_with_dead_neurons_still_solves_the_normal_equations():
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    k[:, 2] = 0  # a ReLU neuron that never fires: zero in the keys and in C
+    a = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    a[:, 2] = 0
+    cov = a.T @ a / 30
+    r = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    dw = memit_update(k, r, cov, 1.0)
+    assert torch.allclose(dw @ (cov + k.T @ k), r.T @ k, atol=1e-9)
+    assert float(dw[:, 2].abs().max()) < 1e-12
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "t5"])
 def test_single_layer_edit_is_the_least_squares_update_on_a_tiny_model(tmp_path, model_type):
     lm_ = loaded(model_type)
