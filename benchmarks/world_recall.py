@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from lethe import lm  # noqa: E402
-from lethe.models import load_model  # noqa: E402
-from lethe.world_models import FAMILIES, build_info, ensure_world_model, load_world  # noqa: E402
+from lethe import lm
+from lethe.models import load_model
+from lethe.world_models import FAMILIES, build_info, ensure_world_model, load_world
 
 
 def world_recall(family: str) -> dict:

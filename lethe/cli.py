@@ -23,6 +23,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.process_group import CleanDistributedExit
+
 TRAINER_COMMANDS = {
     "fit": "train a method (unlearning, an editor hypernetwork, a language model) from a preset",
     "validate": "run a preset's validation loop",
@@ -82,6 +84,8 @@ class LetheCLI(LightningCLI):
                 isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                              every_n_train_steps=run.get("save_every_n_steps")))
+        if not any(isinstance(c, CleanDistributedExit) for c in callbacks):
+            callbacks.append(CleanDistributedExit())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

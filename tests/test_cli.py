@@ -36,7 +36,7 @@ def test_help_lists_subcommands():
 
 
 def test_unknown_command_fails_clearly():
-    res = subprocess.run([*LETHE, "frobnicate"], capture_output=True, text=True, env=_env())
+    res = subprocess.run([*LETHE, "frobnicate"], check=False, capture_output=True, text=True, env=_env())
     assert res.returncode == 2 and "unknown command 'frobnicate'" in res.stderr
 
 
@@ -59,8 +59,8 @@ def _preset(tmp_path: Path) -> Path:
 
 
 def _fit(preset: Path, *extra: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([*LETHE, "fit", "--config", str(preset), *extra], capture_output=True, text=True,
-                         env=_env(), cwd=preset.parent, timeout=600)
+    res = subprocess.run([*LETHE, "fit", "--config", str(preset), *extra], check=False, capture_output=True,
+                         text=True, env=_env(), cwd=preset.parent, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 

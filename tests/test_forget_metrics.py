@@ -122,6 +122,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_metrics_same_on_one_and_two_processes(tiny_dir, tmp_path):
     from callbacks.forgetting import ForgettingTracker
+    from callbacks.process_group import CleanDistributedExit
     from datamodules.forget_retain import ForgetRetainDataModule
     from lightning_modules.unlearning import UnlearningModule
 
@@ -138,7 +139,7 @@ def test_metrics_same_on_one_and_two_processes(tiny_dir, tmp_path):
     tracker = ForgettingTracker(every_n_steps=100, n=3, stop=False, report_dir=str(tmp_path))
     trainer = L.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[tracker])
+                        callbacks=[tracker, CleanDistributedExit()])
     trainer.fit(UnlearningModule(tiny_dir, method="ga", lr=0.0), ForgetRetainDataModule(**data))
     first = json.loads((tmp_path / "forgetting.json").read_text())["history"][0]
     for name, scores in single.items():

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from callbacks.process_group import CleanDistributedExit
 from datamodules.edit_training import GlobalBatchSampler, rank_and_world, split_requests
 from lethe import evaluation as ev
 from lethe import lm
@@ -59,6 +60,7 @@ def fit(module, reqs=REQS, steps=3, batch_size=4, **trainer_kw):
           "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
           "use_distributed_sampler": False}
     kw.update(trainer_kw)
+    kw["callbacks"] = [*kw.get("callbacks", []), CleanDistributedExit()]
     trainer = L.Trainer(**kw)
     trainer.fit(module, datamodule=ListData(reqs, batch_size))
     return trainer
