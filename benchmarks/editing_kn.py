@@ -60,16 +60,7 @@ def _rel_change(before: torch.Tensor, after: torch.Tensor) -> float:
 
 
 def _load(name: str):
-    from lethe.models import ModelLoadError
-
-    try:
-        return load_model(name)
-    except ModelLoadError:
-        if name != "lethe:smollm2":
-            raise
-        from lethe.smollm2 import ensure_smollm2  # until the alias is registered, the converter's folder
-
-        return load_model(str(ensure_smollm2(progress=False)))
+    return load_model(name)
 
 
 def run_model(name: str, args, log) -> dict:

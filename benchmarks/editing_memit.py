@@ -57,17 +57,9 @@ def _preset(model: str) -> str:
 
 
 def _load(name: str, device: str):
-    from lethe.models import ModelLoadError, load_model
+    from lethe.models import load_model
 
-    try:
-        loaded = load_model(name)
-    except ModelLoadError:
-        if name != "lethe:smollm2":
-            raise
-        from lethe.smollm2 import ensure_smollm2  # until the alias is registered
-
-        loaded = load_model(str(ensure_smollm2()))
-        loaded.source = name
+    loaded = load_model(name)
     loaded.model.to(device)
     return loaded
 

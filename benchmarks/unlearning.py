@@ -44,8 +44,8 @@ from lightning_modules.unlearning import UnlearningModule
 # rule is reached in tens of steps on 2 CPU cores.
 WORLD_METHODS = {
     "ga": {"method": "ga", "lr": 1e-3},
-    "graddiff": {"method": "graddiff", "lr": 1e-3},
-    "npo": {"method": "npo", "lr": 1e-3, "beta": 0.1, "retain_loss": "nll"},
+    "graddiff": {"method": "graddiff", "lr": 3e-4, "retain_weight": 4.0},
+    "npo": {"method": "npo", "lr": 3e-4, "beta": 0.1, "retain_loss": "nll", "retain_weight": 4.0},
 }
 
 
@@ -182,13 +182,8 @@ def smollm2_run(args, root: Path) -> dict:
 
     try:
         source = load_model("lethe:smollm2").source
-    except ModelLoadError:
-        try:  # until the alias is registered, lethe.smollm2's converter gives the folder
-            from lethe.smollm2 import ensure_smollm2
-
-            source = str(ensure_smollm2(progress=False))
-        except (ModelLoadError, OSError, ImportError) as err:
-            return {"skipped": f"SmolLM2 unavailable: {err}"}
+    except (ModelLoadError, OSError) as err:
+        return {"skipped": f"SmolLM2 unavailable: {err}"}
     texts = builtin_sets("memorised_passages")
     settings = {"method": "npo", "lr": args.smollm2_lr, "beta": 0.1,
                 "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}}
@@ -220,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--methods", default="ga,graddiff,npo")
     p.add_argument("--model", default="lethe:world-decoder")
     p.add_argument("--max-steps", type=int, default=120)
-    p.add_argument("--every", type=int, default=3, help="evaluate (and test the stopping rule) every N steps")
+    p.add_argument("--every", type=int, default=2, help="evaluate (and test the stopping rule) every N steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--throughput-steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)

@@ -61,7 +61,6 @@ Tokenizer findings (the GGUF-reconstructed tokenizer, ``TokenizersBackend``)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -72,6 +71,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lethe.io import cache_root, file_lock
+from lethe.models import register_alias
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +117,6 @@ def gguf_path() -> Path:
     )
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """lethe's cache root: ``cache_dir``, else ``$LETHE_CACHE``, else ``~/.cache/lethe``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LETHE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "lethe"
-
-
 def model_dir(cache_dir: str | Path | None = None) -> Path:
     """Where the converted folder lives (whether or not it exists yet)."""
     return cache_root(cache_dir) / "models" / MODEL_DIRNAME
@@ -151,17 +143,6 @@ def read_meta(path: str | Path | None = None) -> dict:
 def conversion_seconds(path: str | Path | None = None) -> float:
     """Seconds the GGUF -> safetensors conversion took, as recorded in the marker."""
     return float(read_meta(path)["conversion_seconds"])
-
-
-@contextlib.contextmanager
-def _file_lock(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _strip_quantization(model) -> None:
@@ -225,7 +206,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None, progress: bool = True) -
     if is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{MODEL_DIRNAME}.lock"):
+    with file_lock(final.parent / f".{MODEL_DIRNAME}.lock"):
         if is_complete(final):  # another process finished while we waited
             return final
         src = gguf_path()
@@ -273,10 +254,11 @@ def load_smollm2(cache_dir: str | Path | None = None, progress: bool = True):
     return model, tok
 
 
+register_alias("smollm2", ensure_smollm2)
+
 __all__ = [
     "GGUF_NAME",
     "INSTALL_HINT",
-    "cache_root",
     "conversion_seconds",
     "ensure_smollm2",
     "gguf_path",

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from lethe import tracing
-    from lethe.models import ModelLoadError, load_model
+    from lethe.models import load_model
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in tracing.KINDS]
@@ -73,14 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.logger not in ("none", "wandb"):
         raise SystemExit(f"lethe trace: --logger must be none or wandb, got {args.logger!r}")
 
-    try:
-        loaded = load_model(args.model, dtype=args.dtype)
-    except ModelLoadError:
-        if args.model != "lethe:smollm2":
-            raise
-        from lethe.smollm2 import ensure_smollm2  # until lethe.smollm2 registers its alias
-
-        loaded = load_model(str(ensure_smollm2()), dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
     noise = args.noise
