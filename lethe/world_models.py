@@ -36,11 +36,11 @@ BUILD_VERSION = 1
 # large enough to memorise ~2,000 facts.
 RECIPES = {
     "decoder": {"arch": "gpt2", "width": 128, "layers": 4, "heads": 4, "ffn": 512,
-                "epochs": 30, "lr": 3e-3, "batch_size": 128},
+                "epochs": 40, "lr": 2e-3, "batch_size": 64, "decay": False},
     "mlm": {"arch": "bert", "width": 128, "layers": 4, "heads": 4, "ffn": 512,
-            "epochs": 40, "lr": 2e-3, "batch_size": 128},
+            "epochs": 40, "lr": 2e-3, "batch_size": 128, "decay": False},
     "seq2seq": {"arch": "t5", "width": 128, "layers": 3, "heads": 4, "ffn": 512,
-                "epochs": 30, "lr": 3e-3, "batch_size": 128},
+                "epochs": 40, "lr": 2e-3, "batch_size": 64, "decay": True},
 }
 
 
@@ -86,13 +86,25 @@ def ensure_world_model(family: str, cache: str | os.PathLike | None = None, seed
     ``recipe`` overrides entries of ``RECIPES[family]`` (e.g. fewer epochs for a quick test).
     """
     dest = model_dir(family, cache, seed, recipe)
-    if not force and (dest / "lethe_build.json").is_file():
+    wanted = _recipe(family, recipe)
+    if not force and _is_current(dest, wanted):
         return dest
     with file_lock(dest.parent / f".{family}.lock"):
-        if not force and (dest / "lethe_build.json").is_file():  # another process built it meanwhile
+        if not force and _is_current(dest, wanted):  # another process built it meanwhile
             return dest
-        _build(family, dest, seed, progress, _recipe(family, recipe))
+        if (dest / "lethe_build.json").is_file() and progress:
+            print(f"lethe: the cached world {family} model in {dest} was built with another recipe; rebuilding")
+        _build(family, dest, seed, progress, wanted)
     return dest
+
+
+def _is_current(dest: Path, recipe: dict) -> bool:
+    """A cached build counts only if it was made with this recipe (a default changed by a lethe upgrade
+    rebuilds the model instead of silently reusing the old one)."""
+    try:
+        return {"decay": False, **build_info(dest).get("recipe", {})} == recipe  # builds before "decay": off
+    except (OSError, ValueError):
+        return False
 
 
 def _config(family: str, tokenizer, recipe: dict):
@@ -139,7 +151,7 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict) -> 
     L.seed_everything(seed, workers=True, verbose=False)
     init = dest.parent / f".{dest.name}-init"
     save_pretrained(cls(config), tokenizer, init)
-    module = LanguageModelModule(model=str(init), lr=recipe["lr"], warmup_steps=50)
+    module = LanguageModelModule(model=str(init), lr=recipe["lr"], warmup_steps=50, decay=recipe.get("decay", False))
     data = LMDataModule(**training_data(world, family), batch_size=recipe["batch_size"], max_length=48,
                         add_eos=family == "seq2seq", seed=seed)
     trainer = L.Trainer(

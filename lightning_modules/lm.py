@@ -21,6 +21,7 @@ class LanguageModelModule(ModelModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        decay: bool = False,
         dtype: str = "float32",
         trust_remote_code: bool = False,
         tokenizer: str | None = None,
@@ -56,8 +57,14 @@ class LanguageModelModule(ModelModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
-        if not self.hparams.warmup_steps:
+        if not self.hparams.warmup_steps and not self.hparams.decay:
             return opt
-        warm = self.hparams.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        warm = max(1, self.hparams.warmup_steps)
+        total = max(warm + 1, int(self.trainer.estimated_stepping_batches)) if self.hparams.decay else None
+
+        def factor(step: int) -> float:  # linear warm-up, then constant or (decay) linear to zero
+            up = min(1.0, (step + 1) / warm)
+            return up if total is None else min(up, max(0.0, (total - step) / (total - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

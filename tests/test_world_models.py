@@ -1,12 +1,14 @@
 """The embedded world models: deterministic builds, cache reuse, and aliases through the one loader."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lethe import lm
 from lethe.models import load_model
-from lethe.world_models import FAMILIES, build_info, ensure_world_model, load_world, model_dir
+from lethe.world_models import FAMILIES, RECIPES, build_info, ensure_world_model, load_world, model_dir
 
 QUICK = {"epochs": 1, "width": 32, "layers": 1, "ffn": 64, "heads": 2}
 
@@ -26,6 +28,15 @@ def test_quick_build_is_reproducible_and_cached(tmp_path, family):
     loaded = load_model(a)
     assert loaded.family == family and len(loaded.tokenizer) == loaded.model.get_input_embeddings().weight.shape[0]
     assert model_dir(family, tmp_path / "a") != a  # the default recipe has its own folder
+
+
+def test_a_build_from_another_recipe_is_rebuilt(tmp_path):
+    path = ensure_world_model("decoder", cache=tmp_path, recipe=QUICK, progress=False)
+    info = build_info(path)
+    info["recipe"]["lr"] = 1.0  # as if an older lethe had built this folder with another default
+    (path / "lethe_build.json").write_text(json.dumps(info))
+    assert ensure_world_model("decoder", cache=tmp_path, recipe=QUICK, progress=False) == path
+    assert build_info(path)["recipe"]["lr"] == QUICK.get("lr", RECIPES["decoder"]["lr"])
 
 
 def test_bad_recipe_key(tmp_path):
