@@ -19,6 +19,7 @@ during the edit loops (torch's own allocations are not traced by tracemalloc, RS
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ft-lr", type=float, default=5e-3)
     parser.add_argument("--ft-eps", type=float, default=5e-3, help="L∞ bound on FT-L's weight delta")
     parser.add_argument("--no-ft", action="store_true")
+    parser.add_argument("--set", default="{}", help='JSON of ROME hyperparameter overrides, e.g. \'{"v_steps": 40}\'')
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
 
 
@@ -107,7 +109,7 @@ def run(args) -> dict:
     loaded = load_model(args.model)
     model, tok, family = loaded.model, loaded.tokenizer, loaded.family
     preset = args.preset or _preset(args.model)
-    overrides = {"layer": args.layer, "mom2_n_samples": args.mom2_n}
+    overrides = {**json.loads(args.set), "layer": args.layer, "mom2_n_samples": args.mom2_n}
     if args.quick:
         overrides.setdefault("mom2_n_samples", None)
         overrides["mom2_n_samples"] = overrides["mom2_n_samples"] or 500

@@ -218,3 +218,23 @@ class Editor(Protocol):
     name: str
 
     def edit(self, loaded, requests: Sequence[EditRequest]) -> EditArtifact: ...
+
+
+def resolve_hparams(cls, presets: dict[str, dict], method: str, spec=None, **overrides):
+    """A hyperparameter dataclass ``cls`` from a preset name, a dict or an instance, with ``overrides`` (None
+    values ignored) on top; unknown presets and keys fail naming the method and what is known."""
+    if isinstance(spec, cls):
+        base = dataclasses.asdict(spec)
+    elif isinstance(spec, str):
+        if spec not in presets:
+            raise ValueError(f"unknown {method} preset {spec!r}; presets: {sorted(presets)}")
+        base = dict(presets[spec])
+    else:
+        base = dict(spec or {})
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(base) - names
+    if unknown:
+        raise ValueError(f"unknown {method} hyperparameters {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**base)
+

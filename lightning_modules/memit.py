@@ -41,7 +41,7 @@ from torch import nn
 from lethe import lm
 from lethe.adapters import ArchAdapter, LayerIndexError, unwrap
 from lethe.covariance import layer_covariance
-from lethe.edits import EditArtifact
+from lethe.edits import EditArtifact, resolve_hparams
 from lethe.hooks import Trace
 from lethe.records import EditRequest
 from lightning_modules.rome import (
@@ -49,6 +49,7 @@ from lightning_modules.rome import (
     as_btd,
     check_target,
     context_prefixes,
+    edit_positions,
     encode_at_subject,
     fill,
     subject_last_index,
@@ -114,20 +115,7 @@ PRESETS: dict[str, dict] = {
 
 def hparams_from(spec: MEMITHyperParams | dict | str | None = None, **overrides) -> MEMITHyperParams:
     """Hyperparameters from a preset name, a dict, or an instance, with overrides on top."""
-    if isinstance(spec, MEMITHyperParams):
-        base = dataclasses.asdict(spec)
-    elif isinstance(spec, str):
-        if spec not in PRESETS:
-            raise ValueError(f"unknown MEMIT preset {spec!r}; presets: {sorted(PRESETS)}")
-        base = dict(PRESETS[spec])
-    else:
-        base = dict(spec or {})
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(MEMITHyperParams)}
-    unknown = set(base) - names
-    if unknown:
-        raise ValueError(f"unknown MEMIT hyperparameters {sorted(unknown)}; known: {sorted(names)}")
-    return MEMITHyperParams(**base)
+    return resolve_hparams(MEMITHyperParams, PRESETS, "MEMIT", spec, **overrides)
 
 
 def check_layers(model: nn.Module, adapter: ArchAdapter, layers: Sequence[int], stack: str | None) -> list[int]:
@@ -171,19 +159,6 @@ def _rows(requests: Sequence[EditRequest], prefixes: Sequence[str], kl_prompts: 
             owner.append(i)
             is_kl.append(True)
     return rows, owner, is_kl
-
-
-def edit_positions(batch: dict[str, torch.Tensor], subject_pos: Sequence[int], family: str,
-                   where: str = "subject_last") -> list[int]:
-    """Per row, the token where keys are read and δ is added (see ``MEMITHyperParams.position``)."""
-    if where == "subject_last":
-        return list(subject_pos)
-    if where != "prompt_last":
-        raise ValueError(f"position must be 'subject_last' or 'prompt_last', got {where!r}")
-    if family == "seq2seq":
-        return (batch["attention_mask"].sum(-1) - 1).tolist()
-    first = (batch["labels"] != lm.IGNORE).float().argmax(-1)
-    return (first - 1 if family == "decoder" else first).tolist()
 
 
 def _group_mean(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import nn
 from lethe import lm
 from lethe.adapters import ArchAdapter, unwrap
 from lethe.covariance import layer_covariance, load_corpus
-from lethe.edits import EditArtifact
+from lethe.edits import EditArtifact, resolve_hparams
 from lethe.hooks import Trace
 from lethe.records import EditRequest
 
@@ -50,6 +50,9 @@ class ROMEHyperParams:
 
     layer: int = 0
     stack: str | None = None  # default: the decoder of a decoder-only model, the encoder otherwise
+    # where k* is read and δ added: "subject_last" (the paper) or "prompt_last" (the prediction position,
+    # for models whose causal trace shows the fact is looked up there, like lethe's world decoder)
+    position: str = "subject_last"
     v_lr: float = 0.5
     v_steps: int = 20
     v_weight_decay: float = 0.5
@@ -76,10 +79,11 @@ PRESETS: dict[str, dict] = {
     "gpt-j": {"layer": 5, "v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0,
                   "kl_factor": 0.0625, "mom2_n_samples": 100000},
     # lethe's embedded world models (4-block GPT-2 / BERT, 3-block T5 encoder), world corpus for C.
-    # world decoder: its residual norms (~100 at width 128) need larger steps than the paper's lr 0.5;
-    # best measured on 6 facts: efficacy 0.67 / paraphrase 0.42 / neighbourhood 1.0 (not yet the target).
-    "world-decoder": {"layer": 0, "mom2_corpus": "world", "mom2_n_samples": 4000, "v_lr": 2.0, "v_steps": 60,
-                      "context_templates": []},
+    # world decoder: its causal trace shows facts looked up at the prediction position (not the subject's
+    # last token), so k* and δ live there; residual norms (~100 at width 128) need lr 2.0 (paper: 0.5).
+    # Measured (benchmarks/results/rome_world_decoder.json): see the benchmark.
+    "world-decoder": {"layer": 0, "position": "prompt_last", "mom2_corpus": "world", "mom2_n_samples": 4000,
+                      "v_lr": 2.0, "v_steps": 60, "context_templates": []},
     "world-mlm": {"layer": 1, "mom2_corpus": "world", "mom2_n_samples": 4000, "context_source": "corpus", "v_steps": 25},
     "world-seq2seq": {"layer": 1, "stack": "encoder", "mom2_corpus": "world", "mom2_n_samples": 4000,
                           "context_source": "corpus", "v_steps": 25},
@@ -90,20 +94,7 @@ PRESETS: dict[str, dict] = {
 
 def hparams_from(spec: ROMEHyperParams | dict | str | None = None, **overrides) -> ROMEHyperParams:
     """Hyperparameters from a preset name, a dict, or an instance, with overrides on top."""
-    if isinstance(spec, ROMEHyperParams):
-        base = dataclasses.asdict(spec)
-    elif isinstance(spec, str):
-        if spec not in PRESETS:
-            raise ValueError(f"unknown ROME preset {spec!r}; presets: {sorted(PRESETS)}")
-        base = dict(PRESETS[spec])
-    else:
-        base = dict(spec or {})
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(ROMEHyperParams)}
-    unknown = set(base) - names
-    if unknown:
-        raise ValueError(f"unknown ROME hyperparameters {sorted(unknown)}; known: {sorted(names)}")
-    return ROMEHyperParams(**base)
+    return resolve_hparams(ROMEHyperParams, PRESETS, "ROME", spec, **overrides)
 
 
 # --------------------------------------------------------------------------- prompts and positions
@@ -201,10 +192,24 @@ def as_btd(t: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return t
 
 
+def edit_positions(batch: dict[str, torch.Tensor], subject_pos: Sequence[int], family: str,
+                   where: str = "subject_last") -> list[int]:
+    """Per row, the token where keys are read and δ is added (see ``ROMEHyperParams.position``)."""
+    if where == "subject_last":
+        return list(subject_pos)
+    if where != "prompt_last":
+        raise ValueError(f"position must be 'subject_last' or 'prompt_last', got {where!r}")
+    if family == "seq2seq":
+        return (batch["attention_mask"].sum(-1) - 1).tolist()
+    first = (batch["labels"] != lm.IGNORE).float().argmax(-1)
+    return (first - 1 if family == "decoder" else first).tolist()
+
+
 # --------------------------------------------------------------------------- keys
 @torch.no_grad()
 def compute_keys(model: nn.Module, tok, adapter: ArchAdapter, family: str, requests: Sequence[EditRequest],
-                 layer: int, stack: str | None = None, prefixes: Sequence[str] = ("",)) -> torch.Tensor:
+                 layer: int, stack: str | None = None, prefixes: Sequence[str] = ("",),
+                 position: str = "subject_last") -> torch.Tensor:
     """k* per request: the mean input of layer ``layer``'s MLP output projection at the subject's last token
     over ``prefixes`` (shape: requests × FFN width, float32)."""
     layer = adapter.check_layer(model, layer, stack)
@@ -215,6 +220,7 @@ def compute_keys(model: nn.Module, tok, adapter: ArchAdapter, family: str, reque
         check_target(tok, family, req)
         rows = [(p, req.prompt, req.subject, req.target_new) for p in prefixes]
         batch, pos = encode_at_subject(tok, family, rows, req.case_id)
+        pos = edit_positions(batch, pos, family, position)
         batch = lm.to_device(batch, device)
         with Trace(model, name, retain_input=True, retain_output=False, stop=True) as tr:
             model(**lm.model_inputs(batch, family))
@@ -244,6 +250,7 @@ def compute_target_value(model: nn.Module, tok, adapter: ArchAdapter, family: st
     n_rw = len(rows)
     rows += [("", kp, request.subject, request.target_new) for kp in hp.kl_prompts]
     batch, pos = encode_at_subject(tok, family, rows, request.case_id)
+    pos = edit_positions(batch, pos, family, getattr(hp, "position", "subject_last"))
     batch = lm.to_device(batch, device)
     pos_t = torch.tensor(pos, device=device)
     rows_t = torch.arange(len(pos), device=device)
@@ -364,7 +371,7 @@ class ROMEEditor:
         self.last_stats, self.last_vectors = [], []
         for req in requests:
             t0 = time.perf_counter()
-            k_star = compute_keys(model, tok, adapter, family, [req], layer, hp.stack, prefixes)[0]
+            k_star = compute_keys(model, tok, adapter, family, [req], layer, hp.stack, prefixes, hp.position)[0]
             out = compute_target_value(model, tok, adapter, family, req, mod_name, hp, prefixes)
             dw = rome_update(k_star, out["delta"], cov)
             with torch.no_grad():

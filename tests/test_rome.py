@@ -165,21 +165,26 @@ def world_decoder():
 
 
 def test_rome_edits_a_world_fact(world_decoder, tmp_path):
+    """The edited model says the new object, its paraphrases move with it, its neighbours keep theirs."""
     from lethe.evaluation import counterfact_scores
+    from lethe.lm import greedy_match
     from lethe.world_models import load_world
 
-    reqs = load_world().to_counterfact("train")[:3]
+    reqs = load_world().to_counterfact("train")[:5]
     ed = ROMEEditor("world-decoder", cache_dir=str(tmp_path), progress=False,
                     overrides={"mom2_n_samples": 1000})
     m, tok = world_decoder.model, world_decoder.tokenizer
     pre = counterfact_scores(m, tok, "decoder", reqs)
-    assert pre["efficacy"] == 0.0
+    assert pre["efficacy"] == 0.0 and pre["neighborhood"] == 1.0
+    says_new, paraphrase = [], []
     for r in reqs:
-        pre_one = counterfact_scores(m, tok, "decoder", [r])
+        assert greedy_match(m, tok, "decoder", [r.rewrite_prompt], [r.target_true]).all()  # knows the old fact
         art = ed.edit(world_decoder, [r])
         post = counterfact_scores(m, tok, "decoder", [r])
+        says_new.append(bool(greedy_match(m, tok, "decoder", [r.rewrite_prompt], [r.target_new]).all()))
+        paraphrase.append(post["paraphrase"])
+        assert post["efficacy"] == 1.0 and post["neighborhood"] >= 0.8, (r, post)
         art.revert(m)
-        # the new object gains a lot of probability on the rewrite prompt; the neighbours keep theirs
-        assert post["p_new"] > 20 * pre_one["p_new"], r
-        assert post["neighborhood"] >= 0.5, r
+    assert sum(says_new) >= 4, says_new
+    assert sum(paraphrase) / len(paraphrase) >= 0.6, paraphrase
     assert counterfact_scores(m, tok, "decoder", reqs)["efficacy"] == 0.0  # all reverted
