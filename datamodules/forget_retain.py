@@ -197,9 +197,6 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self._resolve()
         h = self.hparams
         forget = load_examples(h.forget, h.kind, h.forget_texts, h.forget_pairs)
-        if not forget:
-            raise ValueError("the forget set is empty: give data.init_args.forget (files), forget_texts or "
-                             "forget_pairs")
         retain = load_examples(h.retain, h.kind, h.retain_texts, h.retain_pairs)
         unseen = load_examples(h.unseen, h.kind, h.unseen_texts, h.unseen_pairs)
         if h.builtin:
@@ -207,6 +204,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
             forget += [{"text": t} for t in sets["forget"]]
             retain += [{"text": t} for t in sets["retain"]]
             unseen += [{"text": t} for t in sets["unseen"]]
+        if not forget:
+            raise ValueError("the forget set is empty: give data.init_args.forget (files), forget_texts, "
+                             "forget_pairs or builtin")
         keys = {_key(e) for e in forget}
         overlap = [e for e in retain if _key(e) in keys]
         if overlap:

@@ -189,6 +189,9 @@ def test_bad_input(tiny):
     m = UnlearningModule(tiny["gpt2"], method="ga")
     with pytest.raises(ValueError, match="forget set is empty"):
         _dm(m, forget_texts=[]).setup()
+    world = _dm(m, builtin="world", n_forget=4, n_retain=8, n_unseen=4)  # the presets' builtin sets alone
+    world.setup()
+    assert world.sets["forget"] and world.sets["retain"] and world.sets["unseen"]
     texts = _texts(5, 0)
     with pytest.warns(UserWarning, match="2 of 3 retain examples also appear in the forget set"):
         _dm(m, forget_texts=texts, retain_texts=[texts[0], texts[1], "w1 w2"]).setup()
