@@ -59,16 +59,12 @@ def _rel_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return float(((after - before) / before.clamp(min=1e-12)).mean())
 
 
-def _load(name: str):
-    return load_model(name)
-
-
 def run_model(name: str, args, log) -> dict:
     from datamodules.edits import load_requests
     from lightning_modules.knowledge_neurons import KnowledgeNeuronsEditor, erase_artifact
 
     world = name.startswith("lethe:world")
-    loaded = _load(name)
+    loaded = load_model(name)
     model, tok, fam = loaded.model, loaded.tokenizer, loaded.family
     n = (2 if args.quick else args.n) if world else (1 if args.quick else args.n_smollm2)
     layers = None

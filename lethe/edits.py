@@ -237,4 +237,3 @@ def resolve_hparams(cls, presets: dict[str, dict], method: str, spec=None, **ove
     if unknown:
         raise ValueError(f"unknown {method} hyperparameters {sorted(unknown)}; known: {sorted(names)}")
     return cls(**base)
-

@@ -151,7 +151,7 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict) -> 
     L.seed_everything(seed, workers=True, verbose=False)
     init = dest.parent / f".{dest.name}-init"
     save_pretrained(cls(config), tokenizer, init)
-    module = LanguageModelModule(model=str(init), lr=recipe["lr"], warmup_steps=50, decay=recipe.get("decay", False))
+    module = LanguageModelModule(model=str(init), lr=recipe["lr"], warmup_steps=50, decay=recipe["decay"])
     data = LMDataModule(**training_data(world, family), batch_size=recipe["batch_size"], max_length=48,
                         add_eos=family == "seq2seq", seed=seed)
     trainer = L.Trainer(
