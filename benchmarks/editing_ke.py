@@ -6,9 +6,9 @@ the KnowledgeEditor module.
 
 from __future__ import annotations
 
-from editing_mend import add_arguments, run_method
+from editing_mend import SMOLLM2_ARGS, add_arguments, run_method
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["SMOLLM2_ARGS", "add_arguments", "run"]
 
 
 def run(args) -> dict:

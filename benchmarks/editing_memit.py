@@ -31,6 +31,10 @@ from lethe import evaluation as ev
 from lethe import lm
 from lethe.edits import EditArtifact, fingerprint
 
+# The SmolLM2 run beside the embedded decoder (benchmarks/editing.py): 100 real facts in one call.
+SMOLLM2_ARGS = {"n": "100", "preset": None, "layers": None, "lam": None, "position": None, "mom2_n": None,
+                "requests": None}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lethe:world-decoder")

@@ -32,6 +32,9 @@ from lethe import lm
 from lethe.edits import EditArtifact, fingerprint
 from lethe.models import load_model
 
+# The SmolLM2 run beside the embedded decoder (benchmarks/editing.py): real facts, its own preset.
+SMOLLM2_ARGS = {"n": 20, "preset": None, "layer": None, "requests": None, "set": "{}", "mom2_n": None}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lethe:world-decoder")

