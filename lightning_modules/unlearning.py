@@ -260,8 +260,12 @@ class UnlearningModule(ModelModule):
         n_tok = batch["forget"]["attention_mask"].sum()
         if "retain" in batch:
             n_tok = n_tok + batch["retain"]["attention_mask"].sum()
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, sync_dist=True)
-        self.log("train/tokens", n_tok.float(), reduce_fx="sum", sync_dist=True)
+        # one call, batch size given (Lightning would otherwise walk the batch to infer it), rank-0 values: a
+        # per-step all-reduce of each term would cost a collective per value per step under DDP; the forgetting
+        # metrics (callbacks.forgetting) are the synchronised ones.
+        logs["tokens"] = n_tok.float()
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False,
+                      batch_size=int(batch["forget"]["input_ids"].shape[0]))
         return loss
 
     def setup(self, stage: str) -> None:
