@@ -53,8 +53,14 @@ def smollm2_real_facts() -> dict:
     p_true = lm.target_probability(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_true for r in facts])
     p_new = lm.target_probability(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_new for r in facts])
     greedy = lm.greedy_match(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_true for r in facts])
+    # real_facts.json keeps the hand-written facts SmolLM2 knows; the share over ALL written candidates is in
+    # its summary (scripts/score_real_facts.py, the same scorer)
+    summary = json.loads((Path(__file__).resolve().parents[1] / "lethe" / "data" /
+                          "real_facts_summary.json").read_text())
     return {"n_facts": len(facts), "prefers_true": round((p_true > p_new).float().mean().item(), 4),
             "greedy_true": round(greedy.float().mean().item(), 4),
+            "candidates_written": summary["candidates"],
+            "candidates_prefers_true": round(summary["share_true_preferred_all_candidates"], 4),
             "conversion_seconds": conversion_seconds(path)}
 
 

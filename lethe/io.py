@@ -17,6 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it replaces ``dest`` in one step."""
@@ -30,6 +36,10 @@ def atomic_path(dest: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create private (0600/0700) entries; give the result the permissions an ordinary
+        # open()/mkdir() would have had, so a shared results or model folder stays readable
+        if tmp.exists():
+            tmp.chmod((0o777 if is_dir else 0o666) & ~_umask())
         if is_dir and dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
