@@ -133,7 +133,8 @@ def run_model(name: str, args, log) -> dict:
         art = erase_artifact(loaded, rel_neurons)
         erase.update(relation_acc_after=acc(same), other_acc_after=acc(other))
         art.revert(model)
-    erase["note"] = "accuracy over facts the unedited model knows (P(true) > P(new)), so 'before' is high"
+    erase["note"] = ("top-1 accuracy of the true object's first token, over facts the unedited model knows "
+                     "(P(true) > P(new)); a known fact can still lose top-1 to a third word")
 
     # ---- editing (each fact alone, reverted)
     eff, para, nb = [], [], []
