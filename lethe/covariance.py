@@ -45,6 +45,21 @@ class CovarianceCacheError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- corpora
+def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x with a x = b for a symmetric positive semi-definite ``a`` (a covariance, or λC + KᵀK), in float64.
+
+    Neurons that never fire (ReLU FFNs: T5) give ``a`` zero rows and columns, and keys taken from the same
+    activations are zero there too, so the system stays consistent; the pseudo-inverse then gives its
+    minimum-norm solution (zero on the dead neurons) where a plain solve fails as singular.
+    """
+    a = a.to(torch.float64)
+    b = b.to(torch.float64).to(a.device)
+    try:
+        return torch.linalg.solve(a, b)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.pinv(a, hermitian=True) @ b
+
+
 def _chunks(text: str, words: int) -> list[str]:
     toks = text.split()
     return [" ".join(toks[i:i + words]) for i in range(0, len(toks), words) if len(toks[i:i + words]) >= 8]

@@ -34,7 +34,7 @@ from torch import nn
 
 from lethe import lm
 from lethe.adapters import ArchAdapter, unwrap
-from lethe.covariance import layer_covariance, load_corpus
+from lethe.covariance import layer_covariance, load_corpus, solve_psd
 from lethe.edits import EditArtifact, resolve_hparams
 from lethe.hooks import Trace
 from lethe.records import EditRequest
@@ -312,9 +312,10 @@ def compute_target_value(model: nn.Module, tok, adapter: ArchAdapter, family: st
 
 # --------------------------------------------------------------------------- the update
 def rome_update(k_star: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """ΔW (out × in) with ΔW k* = δ and ΔW k = 0 for every k with (C⁻¹k*)ᵀ k = 0; solved in float64."""
+    """ΔW (out × in) with ΔW k* = δ and ΔW k = 0 for every k with (C⁻¹k*)ᵀ k = 0; solved in float64
+    (C⁻¹ is the pseudo-inverse where dead neurons make C singular: see ``solve_psd``)."""
     k = k_star.to(torch.float64).reshape(-1, 1)
-    u = torch.linalg.solve(cov.to(torch.float64).to(k.device), k)
+    u = solve_psd(cov.to(k.device), k)
     denom = (u.T @ k).item()
     if abs(denom) < 1e-30:
         raise ValueError("k*ᵀ C⁻¹ k* is zero: the key is null; is the subject position right?")

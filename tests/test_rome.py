@@ -90,6 +90,20 @@ def test_c_inverse_orthogonal_key_keeps_its_value(tmp_path):
     assert (dw @ r).abs().max() > 1e-6
 
 
+def test_update_with_a_dead_neuron_still_writes_the_value():
+    # a ReLU neuron that never fires (T5's world model has some) is zero in C and in k*: C is singular
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    a[:, 3] = 0
+    cov = a.T @ a / 40
+    k_star = a[0].clone()
+    delta = torch.randn(5, generator=g, dtype=torch.float64)
+    dw = rome_update(k_star, delta, cov)
+    torch.testing.assert_close(dw @ k_star, delta, atol=1e-9, rtol=1e-9)
+    assert torch.linalg.matrix_rank(dw) == 1
+    assert float(dw[:, 3].abs().max()) < 1e-12
+
+
 def test_revert_is_bit_exact_and_artifact_reapplies(tmp_path):
     lm_ = loaded("gpt2")
     before = {n: p.detach().clone() for n, p in lm_.model.named_parameters()}
