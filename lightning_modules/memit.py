@@ -108,10 +108,11 @@ PRESETS: dict[str, dict] = {
     # carrying the fact through layer ~20, MLP 0 acting as an extended embedding (every window holding it restores
     # ~100%; excluded, as in the papers), and past it the windowed MLP effect at the subject's last token at
     # 0.15-0.25 for layers 4-8 (peak 5), falling below 0.06 from layer 10; five layers as for GPT-2 XL, 3-7.
-    # λ from a sweep on 32 real facts (z computed once): 15000 (GPT-J's) efficacy 0.13, 5000 0.88 /
-    # neighbourhood 0.89, 1500 1.0 / 0.79, 500 1.0 / 0.74; C here is a 1536-wide key space from 400 texts, not GPT-J's 16384 from Wikipedia, so the
-    # paper's weight over-regularises. K^T K grows with the edit count, so 3000 is for batches of ~100: 100 real
-    # facts in one call, efficacy 0.92 / paraphrase 0.77 / neighbourhood 0.92 (benchmarks/results/memit.json).
+    # λ from a sweep on 32 real facts (z computed once): 15000 (GPT-J's) efficacy 0.13, 5000 0.88 / neighbourhood
+    # 0.89, 1500 1.0 / 0.79, 500 1.0 / 0.74; C here is a 1536-wide key space from 400 texts, not GPT-J's 16384 from
+    # Wikipedia, so the paper's weight over-regularises. K^T K grows with the edit count, so 3000 is for batches of
+    # ~100: 100 real facts in one call, efficacy 0.92 / paraphrase 0.77 / neighbourhood 0.92
+    # (benchmarks/results/memit.json).
     "smollm2": {"layers": [3, 4, 5, 6, 7], "mom2_corpus": "tofu+pydoc", "mom2_n_samples": 400,
                 "context_source": "generate", "context_templates": [[5, 10]], "v_steps": 20, "z_batch_size": 8,
                 "mom2_update_weight": 3000.0},
