@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
                                      for k, g in avg.items()}
         summary["categories"] = list(tracing.CATEGORIES)
         if "mlp" in avg:
-            summary["suggested"] = tracing.suggest_layers(avg, "mlp")
+            summary["suggested"] = tracing.suggest_layers(avg, "mlp", window=results[0].window)
         if len(results) > 1:
             pictures.append(tracing.plot_average(avg, out / "average.png",
                                                  title=f"{args.model}: average indirect effect",

@@ -409,19 +409,37 @@ def average_effects(results: Sequence[TraceResult], kinds: Sequence[str] | None 
     return out
 
 
-def suggest_layers(avg: dict[str, torch.Tensor], kind: str = "mlp", span: int | None = None) -> dict:
+# Models at least this deep get MLP 0 left out of the suggestion: there (GPT-2, GPT-J, Llama...) the first MLP acts
+# as an extended embedding of the subject's tokens, so every window holding it restores ~all of the effect
+# without telling where the fact is stored (the papers edit mid layers). Tiny models keep it: lethe's 4-block
+# world models store facts in MLPs 0-1.
+DEEP_MODEL_LAYERS = 12
+
+
+def suggest_layers(avg: dict[str, torch.Tensor], kind: str = "mlp", span: int | None = None,
+                   window: int = 1) -> dict:
     """The layer whose ``kind`` contribution at the subject's last token matters most (ROME's layer), and
-    a MEMIT range of ``span`` layers ending there (default: the layers holding at least half the peak)."""
+    a MEMIT range of ``span`` layers ending there (default: the layers holding at least half the peak).
+
+    ``window``: the layers restored together per cell (``TraceResult.window``). In a model of at least
+    ``DEEP_MODEL_LAYERS`` layers, cells whose window holds layer 0 are not candidates (listed as
+    ``skipped_layers``)."""
     col = avg[kind][:, CATEGORIES.index("last subject token")]
-    peak = int(torch.nan_to_num(col, nan=-1e9).argmax())
+    n = len(col)
+    skipped = ([c for c in range(n) if 0 in window_layers(c, window, n)]
+               if kind == "mlp" and n >= DEEP_MODEL_LAYERS else [])
+    first = len(skipped)
+    scores = torch.nan_to_num(col, nan=-1e9).clone()
+    scores[:first] = -1e9
+    peak = int(scores.argmax())
     if span is None:
         lo = peak
-        while lo > 0 and col[lo - 1] >= 0.5 * col[peak]:
+        while lo > first and col[lo - 1] >= 0.5 * col[peak]:
             lo -= 1
         layers = list(range(lo, peak + 1))
     else:
-        layers = list(range(max(0, peak - span + 1), peak + 1))
-    return {"kind": kind, "rome_layer": peak, "memit_layers": layers,
+        layers = list(range(max(first, peak - span + 1), peak + 1))
+    return {"kind": kind, "rome_layer": peak, "memit_layers": layers, "skipped_layers": skipped,
             "effect_at_last_subject_token": [round(float(x), 4) for x in col]}
 
 

@@ -91,6 +91,25 @@ def test_average_suggest_and_pictures(tmp_path):
     assert window_layers(0, 3, 10) == [0, 1] and window_layers(5, 3, 10) == [4, 5, 6]
 
 
+def test_suggestion_skips_the_embedding_like_first_mlp_only_in_deep_models():
+    last = CATEGORIES.index("last subject token")
+
+    def avg_with(effects):
+        g = torch.zeros(len(effects), len(CATEGORIES))
+        g[:, last] = torch.tensor(effects)
+        return {"mlp": g}
+
+    # 30 layers, window 6: cells 0-3 hold MLP 0 and restore everything; the real peak is at 5
+    deep = [1.0, 1.0, 1.0, 1.0, 0.2, 0.25, 0.15, 0.2, 0.1] + [0.02] * 21
+    sug = suggest_layers(avg_with(deep), "mlp", window=6)
+    assert sug["skipped_layers"] == [0, 1, 2, 3]
+    assert sug["rome_layer"] == 5 and sug["memit_layers"] == [4, 5]
+    assert suggest_layers(avg_with(deep), "mlp", span=3, window=6)["memit_layers"] == [4, 5]
+    # a 4-layer model keeps layer 0 as a candidate
+    small = suggest_layers(avg_with([0.9, 0.4, 0.1, 0.0]), "mlp", window=1)
+    assert small["skipped_layers"] == [] and small["rome_layer"] == 0
+
+
 def test_noise_level_is_three_sigma_of_subject_embeddings():
     model, tok = tiny("gpt2")
     ids = tok(" w3 w4", add_special_tokens=False)["input_ids"]
