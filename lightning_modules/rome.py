@@ -85,13 +85,14 @@ PRESETS: dict[str, dict] = {
     # (benchmarks/results/rome.json).
     "world-decoder": {"layer": 0, "position": "prompt_last", "mom2_corpus": "world", "mom2_n_samples": 4000,
                       "v_lr": 2.0, "v_steps": 60, "context_templates": []},
-    # world MLM: the paper's pull-back (weight decay 0.5, KL 0.0625, clamp 4) left δ too small to move the masked
-    # prediction (layer 1: efficacy 0.16, neighbourhood 1.0 on 25 edits); layer 0 with a weak pull-back and no
-    # effective clamp: efficacy 0.96 / paraphrase 0.92 / neighbourhood 0.89 on 25 edits.
+    # world MLM and T5 encoder: the paper's pull-back (weight decay 0.5, KL 0.0625, clamp 4) left δ too small to
+    # move the prediction (layer 1, 50 edits: MLM efficacy 0.16 / seq2seq 0.50, neighbourhood ~1.0); layer 0 with a
+    # weak pull-back and no effective clamp, 25 edits: MLM 0.96 / 0.92 / 0.89, seq2seq 1.0 / 0.90 / 0.98.
     "world-mlm": {"layer": 0, "mom2_corpus": "world", "mom2_n_samples": 4000, "context_source": "corpus",
                   "v_lr": 1.0, "v_steps": 80, "v_weight_decay": 0.02, "kl_factor": 0.02, "clamp_norm_factor": 100.0},
-    "world-seq2seq": {"layer": 1, "stack": "encoder", "mom2_corpus": "world", "mom2_n_samples": 4000,
-                          "context_source": "corpus", "v_steps": 25},
+    "world-seq2seq": {"layer": 0, "stack": "encoder", "mom2_corpus": "world", "mom2_n_samples": 4000,
+                      "context_source": "corpus", "v_lr": 1.0, "v_steps": 80, "v_weight_decay": 0.02,
+                      "kl_factor": 0.02, "clamp_norm_factor": 100.0},
     # SmolLM2-135M (30 Llama blocks); C from TOFU + Python docs, offline English text. Layer 3: inside the span
     # where its causal trace (benchmarks/results/trace_smollm2) shows the subject's state carrying the fact
     # (layers 0-10; MLP 0 is an extended embedding). A weaker pull back (weight decay 0.1, KL 0.02) and a wider
