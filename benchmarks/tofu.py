@@ -32,9 +32,10 @@ import lightning as L
 import torch
 
 from lethe import tofu
+from lethe.io import tofu_dir
 from lethe.records import read_records
 
-TOFU = Path("/work/shared/data/tofu")
+TOFU = tofu_dir()
 
 
 def load_subsample(data: Path, forget_authors: int, retain_authors: int, eval_n: int) -> dict:

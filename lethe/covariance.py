@@ -37,7 +37,7 @@ from torch import nn
 
 from lethe.adapters import ArchAdapter, unwrap
 from lethe.hooks import Trace
-from lethe.io import atomic_path, cache_root
+from lethe.io import atomic_path, cache_root, tofu_dir
 
 
 class CovarianceCacheError(RuntimeError):
@@ -79,8 +79,7 @@ def pydoc_texts(words_per_text: int = 96) -> list[str]:
 def tofu_texts(directory: str | os.PathLike | None = None) -> list[str]:
     from lethe.records import read_tofu
 
-    d = Path(directory or os.environ.get("LETHE_TOFU_DIR") or "/work/shared/data/tofu")
-    path = d / "full.json"
+    path = tofu_dir(directory) / "full.json"
     if not path.is_file():
         raise FileNotFoundError(f"TOFU corpus not found at {path}; set LETHE_TOFU_DIR or use corpus='pydoc'")
     return [f"{r.question} {r.answer}" for r in read_tofu(path)]

@@ -77,6 +77,15 @@ def cache_root(override: str | os.PathLike | None = None) -> Path:
     return root
 
 
+def tofu_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where TOFU's JSON files are: the argument, else $LETHE_TOFU_DIR, else ``shared/data/tofu`` beside this
+    checkout (the project's layout), else ``/work/shared/data/tofu``. Not checked for existence here."""
+    if override or os.environ.get("LETHE_TOFU_DIR"):
+        return Path(override or os.environ["LETHE_TOFU_DIR"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+    return beside if beside.is_dir() else Path("/work/shared/data/tofu")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive lock between processes (two jobs never build the same cached model at once)."""

@@ -24,9 +24,8 @@ def test_written_file_and_folder_have_umask_permissions(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     dest = write_json(tmp_path / "r.json", {"a": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(dest) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
     assert dest.read_text().strip().replace(" ", "").replace("\n", "") == '{"a":1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lethe import records as R
+from lethe.io import tofu_dir
 from lethe.records import (
     EditRequest,
     QARecord,
@@ -27,7 +28,7 @@ from lethe.records import (
     write_zsre,
 )
 
-TOFU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+TOFU = tofu_dir()
 
 
 def cf_record(i: int = 0, **rewrite) -> dict:
