@@ -18,7 +18,7 @@ the sums are all-reduced, so the statistics of several processes equal those of 
 Corpora (``corpus=``): ``"pydoc"`` — Python's own documentation topics
 (``pydoc_data.topics``, English prose shipped with every Python, so it works offline);
 ``"world"`` — the synthetic world's training corpus (what the world models were trained
-on); ``"tofu"`` — TOFU's answers (``$LETHE_TOFU_DIR`` or ``/work/shared/data/tofu``); a
+on); ``"tofu"`` — TOFU's answers (``lethe.io.tofu_dir``); a
 path to a text/JSONL/CSV file of documents; or an explicit list of strings.
 """
 
