@@ -71,6 +71,13 @@ def _load(name: str, device: str):
     return loaded
 
 
+def _keep_neighbours(req, keep: list[int]):
+    """A copy of ``req`` with only the neighbourhood prompts (and their targets) at the indices ``keep``."""
+    targets = getattr(req, "neighborhood_targets", None) or []
+    return dataclasses.replace(req, neighborhood_prompts=[req.neighborhood_prompts[i] for i in keep],
+                               **({"neighborhood_targets": [targets[i] for i in keep]} if targets else {}))
+
+
 def without_edited_neighbours(reqs: list) -> tuple[list, int]:
     """Copies of the requests whose neighbourhood prompts about another EDITED subject (same relation) are
     dropped: those are supposed to change, so they cannot measure bleed."""
@@ -83,9 +90,7 @@ def without_edited_neighbours(reqs: list) -> tuple[list, int]:
         keep = [i for i, (p, _) in enumerate(pairs)
                 if not any(s != r.subject and s in p for s in edited.get(r.relation, []))]
         dropped += len(pairs) - len(keep)
-        targets = getattr(r, "neighborhood_targets", None) or []
-        out.append(dataclasses.replace(r, neighborhood_prompts=[r.neighborhood_prompts[i] for i in keep],
-                                       **({"neighborhood_targets": [targets[i] for i in keep]} if targets else {})))
+        out.append(_keep_neighbours(r, keep))
     return out, dropped
 
 
@@ -113,11 +118,7 @@ def known_neighbours_only(loaded, reqs: list) -> tuple[list, int]:
     for (i, j, _, _), a, b in zip(pairs, p_true.tolist(), p_new.tolist()):
         if a > b:
             keep[i].append(j)
-    out = []
-    for i, r in enumerate(reqs):
-        targets = getattr(r, "neighborhood_targets", None) or []
-        out.append(dataclasses.replace(r, neighborhood_prompts=[r.neighborhood_prompts[j] for j in keep[i]],
-                                       **({"neighborhood_targets": [targets[j] for j in keep[i]]} if targets else {})))
+    out = [_keep_neighbours(r, keep[i]) for i, r in enumerate(reqs)]
     return out, len(pairs) - sum(len(v) for v in keep.values())
 
 

@@ -48,15 +48,15 @@ def smollm2_real_facts() -> dict:
 
     path = ensure_smollm2()
     loaded = load_model(path)
-    facts = read_counterfact(Path(__file__).resolve().parents[1] / "lethe" / "data" / "real_facts.json")
+    data = Path(__file__).resolve().parents[1] / "lethe" / "data"
+    facts = read_counterfact(data / "real_facts.json")
     prompts = [r.rewrite_prompt for r in facts]
     p_true = lm.target_probability(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_true for r in facts])
     p_new = lm.target_probability(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_new for r in facts])
     greedy = lm.greedy_match(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_true for r in facts])
     # real_facts.json keeps the hand-written facts SmolLM2 knows; the share over ALL written candidates is in
     # its summary (scripts/score_real_facts.py, the same scorer)
-    summary = json.loads((Path(__file__).resolve().parents[1] / "lethe" / "data" /
-                          "real_facts_summary.json").read_text())
+    summary = json.loads((data / "real_facts_summary.json").read_text())
     return {"n_facts": len(facts), "prefers_true": round((p_true > p_new).float().mean().item(), 4),
             "greedy_true": round(greedy.float().mean().item(), 4),
             "candidates_written": summary["candidates"],

@@ -44,7 +44,7 @@ class CovarianceCacheError(RuntimeError):
     pass
 
 
-# --------------------------------------------------------------------------- corpora
+# --------------------------------------------------------------------------- solving with C
 def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x with a x = b for a symmetric positive semi-definite ``a`` (a covariance, or λC + KᵀK), in float64.
 
@@ -60,6 +60,7 @@ def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.linalg.pinv(a, hermitian=True) @ b
 
 
+# --------------------------------------------------------------------------- corpora
 def _chunks(text: str, words: int) -> list[str]:
     toks = text.split()
     return [" ".join(toks[i:i + words]) for i in range(0, len(toks), words) if len(toks[i:i + words]) >= 8]
