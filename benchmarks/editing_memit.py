@@ -22,7 +22,6 @@ Peak memory: process peak RSS (``resource``), tracemalloc peaks of each phase, a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import resource
 import sys
 import time
@@ -71,29 +70,6 @@ def _load(name: str, device: str):
     return loaded
 
 
-def _keep_neighbours(req, keep: list[int]):
-    """A copy of ``req`` with only the neighbourhood prompts (and their targets) at the indices ``keep``."""
-    targets = getattr(req, "neighborhood_targets", None) or []
-    return dataclasses.replace(req, neighborhood_prompts=[req.neighborhood_prompts[i] for i in keep],
-                               **({"neighborhood_targets": [targets[i] for i in keep]} if targets else {}))
-
-
-def without_edited_neighbours(reqs: list) -> tuple[list, int]:
-    """Copies of the requests whose neighbourhood prompts about another EDITED subject (same relation) are
-    dropped: those are supposed to change, so they cannot measure bleed."""
-    edited: dict[str | None, list[str]] = {}
-    for r in reqs:
-        edited.setdefault(r.relation, []).append(r.subject)
-    out, dropped = [], 0
-    for r in reqs:
-        pairs = ev.neighbor_pairs(r)
-        keep = [i for i, (p, _) in enumerate(pairs)
-                if not any(s != r.subject and s in p for s in edited.get(r.relation, []))]
-        dropped += len(pairs) - len(keep)
-        out.append(_keep_neighbours(r, keep))
-    return out, dropped
-
-
 def spread_over_relations(reqs: list) -> list:
     """``reqs`` reordered round-robin over relations (first of each relation, then second, ...), so any
     prefix edits a share of every relation instead of whole relations."""
@@ -104,22 +80,6 @@ def spread_over_relations(reqs: list) -> list:
     for i in range(max((len(v) for v in by.values()), default=0)):
         out += [v[i] for v in by.values() if i < len(v)]
     return out
-
-
-def known_neighbours_only(loaded, reqs: list) -> tuple[list, int]:
-    """Copies of the requests keeping only the neighbourhood prompts where the unedited model prefers the
-    neighbour's true object to the request's new target (the CounterFact test, per prompt)."""
-    pairs = [(i, j, p, true) for i, r in enumerate(reqs) for j, (p, true) in enumerate(ev.neighbor_pairs(r))]
-    prompts = [p for _, _, p, _ in pairs]
-    p_true = lm.target_probability(loaded.model, loaded.tokenizer, loaded.family, prompts, [t for *_, t in pairs])
-    p_new = lm.target_probability(loaded.model, loaded.tokenizer, loaded.family, prompts,
-                                  [reqs[i].target_new for i, *_ in pairs])
-    keep: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
-    for (i, j, _, _), a, b in zip(pairs, p_true.tolist(), p_new.tolist()):
-        if a > b:
-            keep[i].append(j)
-    out = [_keep_neighbours(r, keep[i]) for i, r in enumerate(reqs)]
-    return out, len(pairs) - sum(len(v) for v in keep.values())
 
 
 def ft_constrained(loaded, reqs: list, params: list[torch.nn.Parameter], epochs: int, lr: float, eps: float,
@@ -205,8 +165,8 @@ def run(args) -> dict:
 
     runs = []
     for n in sizes:
-        reqs, dropped = without_edited_neighbours(usable[:n])
-        reqs, unknown = known_neighbours_only(loaded, reqs)
+        reqs, dropped = ev.without_edited_neighbours(usable[:n])
+        reqs, unknown = ev.known_neighbours_only(loaded.model, loaded.tokenizer, loaded.family, reqs)
         row: dict = {"n_edits": len(reqs), "neighbour_prompts_left_out": dropped,
                      "neighbour_prompts_unknown_left_out": unknown,
                      "neighbour_prompts_scored": sum(len(r.neighborhood_prompts) for r in reqs),

@@ -9,7 +9,9 @@
 Requests: the world's CounterFact cases (``world:train``) for world models, ``real_facts`` otherwise,
 split by ``datamodules.edit_training.split_requests`` (held-out / validation / training; held-out
 subjects are also removed from training locality prompts). Of the held-out cases, those the unedited
-model gets right are edited (an edit of an unknown fact measures nothing); the JSON says how many.
+model gets right are edited (an edit of an unknown fact measures nothing), and of their neighbourhood
+prompts only those the unedited model gets right are scored (``evaluation.known_neighbours_only``); the
+JSON says how many of each were left out.
 Scores: CounterFact protocol (efficacy/paraphrase/neighborhood) and token accuracy, per edit.
 ``editing_ke`` reuses this file with the KE module.
 """
@@ -117,6 +119,8 @@ def run_method(method: str, args) -> dict:
     held = data.heldout
     known = ev.counterfact_scores(model, tok, family, held)["efficacy_per_case"]
     reqs = [r for r, e in zip(held, known) if e == 0.0][:n]
+    # a neighbour prompt the unedited model already gets wrong holds nothing an edit could damage
+    reqs, unknown_nb = ev.known_neighbours_only(model, tok, family, reqs)
     editor = editor_for(method, str(ckpt))
 
     rows, secs = [], []
@@ -136,6 +140,8 @@ def run_method(method: str, args) -> dict:
         "val": {k: round(float(v), 4) for k, v in val.items()},
         "n_edits": len(reqs), "heldout_pool": len(held), "skipped_unknown_facts": len(held) - sum(
             1 for e in known if e == 0.0),
+        "neighbour_prompts_unknown_left_out": unknown_nb,
+        "neighbour_prompts_scored": sum(len(r.neighborhood_prompts) for r in reqs),
         **_summary(rows, secs),
     }
     if args.batch_edit and len(reqs) >= args.batch_edit:

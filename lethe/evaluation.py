@@ -18,6 +18,7 @@ that list, else ``target_true`` (CounterFact's neighbours share the subject's tr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,48 @@ def locality_pairs(req: EditRequest) -> list[tuple[str, str]]:
     if req.loc_prompts:
         return list(zip(req.loc_prompts, req.loc_answers))
     return neighbor_pairs(req)
+
+
+def with_neighbours(req: EditRequest, keep: Sequence[int]) -> EditRequest:
+    """A copy of ``req`` with only the neighbourhood prompts (and their targets) at the indices ``keep``."""
+    targets = getattr(req, "neighborhood_targets", None) or []
+    return dataclasses.replace(req, neighborhood_prompts=[req.neighborhood_prompts[i] for i in keep],
+                               **({"neighborhood_targets": [targets[i] for i in keep]} if targets else {}))
+
+
+def without_edited_neighbours(requests: Sequence[EditRequest]) -> tuple[list[EditRequest], int]:
+    """Copies of the requests without the neighbourhood prompts about another EDITED subject (same
+    relation): those are meant to change when edits are applied together, so they cannot measure
+    bleed. Returns (requests, number of prompts left out)."""
+    edited: dict[str | None, list[str]] = {}
+    for r in requests:
+        edited.setdefault(r.relation, []).append(r.subject)
+    out, dropped = [], 0
+    for r in requests:
+        pairs = neighbor_pairs(r)
+        keep = [i for i, (p, _) in enumerate(pairs)
+                if not any(s != r.subject and s in p for s in edited.get(r.relation, []))]
+        dropped += len(pairs) - len(keep)
+        out.append(with_neighbours(r, keep))
+    return out, dropped
+
+
+@torch.no_grad()
+def known_neighbours_only(model, tok, family: str, requests: Sequence[EditRequest],
+                          batch_size: int = 64) -> tuple[list[EditRequest], int]:
+    """Copies of the requests keeping only the neighbourhood prompts where the UNEDITED ``model`` prefers
+    the neighbour's true object to the request's new target (the CounterFact test, per prompt): a prompt
+    the model already gets wrong holds no knowledge an edit could damage. Returns (requests, number of
+    prompts left out)."""
+    pairs = [(i, j, p, true) for i, r in enumerate(requests) for j, (p, true) in enumerate(neighbor_pairs(r))]
+    p_true = _probs(model, tok, family, [(p, t) for _, _, p, t in pairs], batch_size)
+    p_new = _probs(model, tok, family, [(p, requests[i].target_new) for i, _, p, _ in pairs], batch_size)
+    keep: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    for (i, j, _, _), a, b in zip(pairs, p_true, p_new):
+        if a > b:
+            keep[i].append(j)
+    out = [with_neighbours(r, keep[i]) for i, r in enumerate(requests)]
+    return out, len(pairs) - sum(len(v) for v in keep.values())
 
 
 def _probs(model, tok, family: str, pairs: list[tuple[str, str]], batch_size: int) -> list[float]:

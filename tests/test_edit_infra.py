@@ -45,6 +45,32 @@ def test_counterfact_scores_follow_the_definitions():
     assert plain["neighborhood"] == pytest.approx(sum(nb_true) / 2)
 
 
+def test_neighbour_filters_keep_only_prompts_that_can_measure_bleed():
+    m, tok = tiny_model("gpt2"), tiny_tokenizer("gpt2")
+    r = req(neighborhood_prompts=["w8 w9 w3", "w4 w9 w3", "w2 w3", "w7 w3"],
+            neighborhood_targets=["w12", "w13", "w14", "w15"])
+
+    def p(prompt, target):
+        return float(target_probability(m, tok, "decoder", [prompt], [target])[0])
+
+    (kept,), dropped = ev.known_neighbours_only(m, tok, "decoder", [r])
+    want = [i for i, (q, t) in enumerate(zip(r.neighborhood_prompts, r.neighborhood_targets)) if p(q, t) > p(q, "w10")]
+    assert kept.neighborhood_prompts == [r.neighborhood_prompts[i] for i in want]
+    assert kept.neighborhood_targets == [r.neighborhood_targets[i] for i in want]
+    assert dropped == 4 - len(want) and r.neighborhood_prompts[0] == "w8 w9 w3"  # the input is not modified
+    # on the kept prompts the unedited model scores a full neighbourhood
+    if want:
+        assert ev.counterfact_scores(m, tok, "decoder", [kept])["neighborhood"] == 1.0
+
+    # a neighbour prompt about another subject edited for the same relation is meant to change: left out
+    a = req(0, relation="r", neighborhood_prompts=["w1 w6 w6 w3", "w6 w7 w3"])
+    b = req(1, relation="r")
+    c = req(2, relation="other", neighborhood_prompts=["w1 w6 w6 w3"])
+    (a2, b2, c2), dropped = ev.without_edited_neighbours([a, b, c])
+    assert a2.neighborhood_prompts == ["w6 w7 w3"] and dropped == 1
+    assert b2.neighborhood_prompts == b.neighborhood_prompts and c2.neighborhood_prompts == c.neighborhood_prompts
+
+
 def test_token_accuracy_and_locality():
     m, tok = tiny_model("gpt2"), tiny_tokenizer("gpt2")
     r = req(loc_prompts=["w30 w31"], loc_answers=["w32 w33"])
