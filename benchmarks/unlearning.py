@@ -160,10 +160,12 @@ def summarise(tracker: ForgettingTracker) -> dict:
 
 def real_fact_accuracy(model, tokenizer) -> dict:
     """CounterFact protocol: share of real facts with P(true) > P(counterfactual) on the rewrite prompt."""
-    path = ROOT / "lethe" / "data" / "real_facts.json"
+    from lethe import lm
+    from lethe.io import REAL_FACTS
+
+    path = REAL_FACTS
     if not path.is_file():
         return {"accuracy": None, "note": f"{path.name} not found"}
-    from lethe import lm
     from lethe.records import read_records
 
     reqs = read_records(path, "counterfact")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from lethe import lm
+from lethe.io import DATA_DIR, REAL_FACTS
 from lethe.models import load_model
 from lethe.world_models import FAMILIES, build_info, ensure_world_model, load_world
 
@@ -48,15 +49,14 @@ def smollm2_real_facts() -> dict:
 
     path = ensure_smollm2()
     loaded = load_model(path)
-    data = Path(__file__).resolve().parents[1] / "lethe" / "data"
-    facts = read_counterfact(data / "real_facts.json")
+    facts = read_counterfact(REAL_FACTS)
     prompts = [r.rewrite_prompt for r in facts]
     p_true = lm.target_probability(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_true for r in facts])
     p_new = lm.target_probability(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_new for r in facts])
     greedy = lm.greedy_match(loaded.model, loaded.tokenizer, "decoder", prompts, [r.target_true for r in facts])
     # real_facts.json keeps the hand-written facts SmolLM2 knows; the share over ALL written candidates is in
     # its summary (scripts/score_real_facts.py, the same scorer)
-    summary = json.loads((data / "real_facts_summary.json").read_text())
+    summary = json.loads((DATA_DIR / "real_facts_summary.json").read_text())
     return {"n_facts": len(facts), "prefers_true": round((p_true > p_new).float().mean().item(), 4),
             "greedy_true": round(greedy.float().mean().item(), 4),
             "candidates_written": summary["candidates"],

@@ -17,9 +17,8 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lethe.io import REAL_FACTS
 from lethe.records import EditRequest, read_records
-
-REAL_FACTS = Path(__file__).resolve().parents[1] / "lethe" / "data" / "real_facts.json"
 
 
 def load_requests(source: str, kind: str = "counterfact", limit: int | None = None, offset: int = 0,

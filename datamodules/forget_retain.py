@@ -22,13 +22,13 @@ import json
 import random
 import warnings
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.lm import ExampleDataset, collate_examples, load_examples
 from lethe import lm
+from lethe.io import MEMORISED_PASSAGES
 
 
 def _key(example: dict) -> tuple:
@@ -298,8 +298,7 @@ def builtin_sets(name: str, n_forget: int = 32, n_retain: int = 256, n_unseen: i
         split = world_split(n_forget, n_retain, n_unseen, seed)
         return {k: fact_sentences(split["world"], split[k]) for k in ("forget", "retain", "unseen")}
     if name == "memorised_passages":
-        data = json.loads((Path(__file__).resolve().parents[1] / "lethe" / "data" /
-                           "memorised_passages.json").read_text())
+        data = json.loads(MEMORISED_PASSAGES.read_text())
         return {"forget": [x["text"] for x in data["memorised"] if x.get("selected")], "retain": [],
                 "unseen": [x["text"] for x in data["unseen"]]}
     raise ValueError(f"data.init_args.builtin={name!r}: use 'world' or 'memorised_passages'")

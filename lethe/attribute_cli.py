@@ -20,6 +20,8 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lethe.io import REAL_FACTS
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lethe attribute", description=__doc__)
@@ -52,7 +54,7 @@ def load_facts(source: str, kind: str = "counterfact", limit: int | None = None,
 
         reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
     elif source == "real_facts":
-        reqs = read_records(Path(__file__).parent / "data" / "real_facts.json", "counterfact")
+        reqs = read_records(REAL_FACTS, "counterfact")
     else:
         if not Path(source).exists():
             raise FileNotFoundError(f"attribute: data.source {source} does not exist")

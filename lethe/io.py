@@ -16,6 +16,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# lethe's bundled data files (one name for each, used by every module that reads them)
+DATA_DIR = Path(__file__).resolve().parent / "data"
+REAL_FACTS = DATA_DIR / "real_facts.json"  # CounterFact-format real-world facts SmolLM2 knows
+MEMORISED_PASSAGES = DATA_DIR / "memorised_passages.json"  # texts SmolLM2 memorised vs unseen texts
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from lethe.io import write_json
+from lethe.io import REAL_FACTS, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +125,7 @@ def _requests(source: str, n: int, read_records) -> list[tuple[str, str, str]]:
 
         reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
     elif source == "real_facts":
-        reqs = read_records(Path(__file__).resolve().parent / "data" / "real_facts.json", "counterfact")
+        reqs = read_records(REAL_FACTS, "counterfact")
     elif Path(source).exists():
         reqs = read_records(source, "counterfact")
     else:

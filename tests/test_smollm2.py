@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "lethe" / "data" / "real_facts.json"
+from lethe.io import REAL_FACTS
+
+DATA = REAL_FACTS
 
 
 def _records():
