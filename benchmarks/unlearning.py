@@ -7,7 +7,9 @@ Lightning with the ForgettingTracker's stopping rule (forget MA and EL_10 at or 
 unseen set's, measured at step 0). Reported per method: forget MA / EL_10 before and
 after, the unseen thresholds, retain MA before/after, the step it stopped at, and
 training throughput (tokens/s) of Lightning vs a plain PyTorch loop running the same
-steps on the same batches in this process (their ratio; best of ``--repeats``).
+steps on the same batches in this process (their ratio; best of ``--repeats``). Where the
+retain MA goes: ``retain_object_accuracy`` (object tokens of the retain facts, split by whether a
+forget fact has the same relation and object).
 
 SmolLM2: passages it memorised in pre-training (``lethe/data/memorised_passages.json``,
 the ``selected`` ones) unlearned with NPO through a LoRA adapter; forget MA / EL_10 before
@@ -37,7 +39,7 @@ import lightning as L
 import torch
 
 from callbacks.forgetting import ForgettingTracker
-from datamodules.forget_retain import ForgetRetainDataModule, builtin_sets
+from datamodules.forget_retain import ForgetRetainDataModule, builtin_sets, world_split
 from lightning_modules.unlearning import UnlearningModule
 
 # Per-method settings on the world decoder (lr, retain weight...): chosen so that the stopping
@@ -134,6 +136,31 @@ def unlearn(model_src: str, settings: dict, texts: dict, max_steps: int, every: 
                                 max_prefixes=max_prefixes)
     _trainer(max_steps, [tracker], root).fit(module, _datamodule(module, texts, batch_size, 0))
     return module, tracker
+
+
+@torch.no_grad()
+def retain_object_accuracy(model, tokenizer, split: dict) -> dict:
+    """Where retain MA is lost: top-1 accuracy on the retain facts' OBJECT tokens (teacher-forced after
+    each training prompt), for retain facts whose (relation, object) is also a forget fact's and for the
+    rest. The world has few objects per relation, so unlearning "Ruvix is based in Corvia" can take
+    Corvia away from every subject based there."""
+    from lethe import evaluation as ev
+
+    was_training = model.training
+    model.eval()
+    forget_objects = {(f.relation, f.object) for f in split["forget"]}
+    world = split["world"]
+    rows = {"shared_object": [], "other_object": []}
+    for f in split["retain"]:
+        key = "shared_object" if (f.relation, f.object) in forget_objects else "other_object"
+        rows[key] += [(p, f.object) for p in world.training_prompts(f)]
+    out = {}
+    for key, pairs in rows.items():
+        preds = ev.teacher_forced_predictions(model, tokenizer, "decoder", pairs)
+        hits = [int(a == b) for pred, gold in preds for a, b in zip(pred, gold)]
+        out[key] = {"accuracy": _r(sum(hits) / max(len(hits), 1)), "n_prompts": len(pairs)}
+    model.train(was_training)
+    return out
 
 
 def _r(x):
@@ -238,16 +265,22 @@ def main(argv: list[str] | None = None) -> dict:
     from lethe.models import load_model
 
     texts = builtin_sets("world", 32, 256, 64, seed=0)
+    split = world_split(32, 256, 64, seed=0)
     result: dict = {"benchmark": "unlearning", "model": args.model,
                     "forget": "32 world training facts (their training-template sentences)",
                     "n_forget_sentences": len(texts["forget"]), "n_retain_sentences": len(texts["retain"]),
                     "n_unseen_sentences": len(texts["unseen"]), "methods": {}}
-    model_src = None if args.no_world else load_model(args.model).source
+    original = None if args.no_world else load_model(args.model)
+    model_src = None if original is None else original.source
+    if original is not None:
+        result["retain_object_accuracy_before"] = retain_object_accuracy(original.model, original.tokenizer, split)
     for name in [] if args.no_world else args.methods.split(","):
         settings = WORLD_METHODS[name]
         t0 = time.perf_counter()
-        _, tracker = unlearn(model_src, settings, texts, args.max_steps, args.every, args.batch_size, root / name)
+        module, tracker = unlearn(model_src, settings, texts, args.max_steps, args.every, args.batch_size,
+                                  root / name)
         row = summarise(tracker)
+        row["retain_object_accuracy_after"] = retain_object_accuracy(module.model, module.tokenizer, split)
         row["settings"] = settings
         row["seconds"] = round(time.perf_counter() - t0, 1)
         row["throughput"] = throughput(model_src, settings, texts, args.throughput_steps, args.repeats,
