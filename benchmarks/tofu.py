@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
             "forget_truth_ratio": res["forget"]["truth_ratio"],
             **{f"{s}_{k}": res[s][k] for s in tofu.UTILITY_SETS for k in ("prob", "rougeL_recall", "truth_ratio")},
         }
-        summary[name] = {k: round(v, 4) for k, v in summary[name].items()}
+        # forget quality is a p-value (TOFU plots it on a log scale): 3 significant digits, not 4 decimals
+        summary[name] = {k: float(f"{v:.3g}") if k == "forget_quality" else round(v, 4)
+                         for k, v in summary[name].items()}
         print(name, json.dumps(summary[name]), "| e.g.", json.dumps(res["forget"]["examples"][0]), flush=True)
     result = {
         "benchmark": "tofu", "model": "tiny GPT-2 (world-decoder recipe, TOFU word-level vocabulary), from scratch",
