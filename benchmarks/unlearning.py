@@ -45,7 +45,8 @@ from lightning_modules.unlearning import UnlearningModule
 # Per-method settings on the world decoder (lr, retain weight...): chosen so that the stopping
 # rule is reached in tens of steps on 2 CPU cores. Sweep (retain MA drop in points when the rule
 # stopped the run, step): GradDiff lr 3e-4 rw 4: 10.8 (72); rw 10: 14.5 (102); lr 1e-3 rw 4: 12.1 (30).
-# NPO lr 3e-4 retain NLL rw 4: 11.3 (74); rw 10: 6.4 (84); rw 20: 6.7 (126); retain KL rw 4: 10.3 (74).
+# NPO lr 3e-4 retain NLL rw 4: 11.3 (74); rw 10: 6.4 (84); rw 20: 6.7 (126); retain KL rw 4: 10.3 (74);
+# lr 1e-4 rw 10: 5.9 (212, past --max-steps).
 WORLD_METHODS = {
     "ga": {"method": "ga", "lr": 1e-3},
     "graddiff": {"method": "graddiff", "lr": 3e-4, "retain_weight": 4.0},
