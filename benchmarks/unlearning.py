@@ -157,9 +157,8 @@ def retain_object_accuracy(model, tokenizer, split: dict) -> dict:
         rows[key] += [(p, f.object) for p in world.training_prompts(f)]
     out = {}
     for key, pairs in rows.items():
-        preds = ev.teacher_forced_predictions(model, tokenizer, "decoder", pairs)
-        hits = [int(a == b) for pred, gold in preds for a, b in zip(pred, gold)]
-        out[key] = {"accuracy": _r(sum(hits) / max(len(hits), 1)), "n_prompts": len(pairs)}
+        acc = ev.token_accuracy(ev.teacher_forced_predictions(model, tokenizer, "decoder", pairs))
+        out[key] = {"accuracy": _r(acc), "n_prompts": len(pairs)}
     model.train(was_training)
     return out
 
@@ -193,12 +192,11 @@ def real_fact_accuracy(model, tokenizer) -> dict:
     from lethe import lm
     from lethe.io import REAL_FACTS
 
-    path = REAL_FACTS
-    if not path.is_file():
-        return {"accuracy": None, "note": f"{path.name} not found"}
+    if not REAL_FACTS.is_file():
+        return {"accuracy": None, "note": f"{REAL_FACTS.name} not found"}
     from lethe.records import read_records
 
-    reqs = read_records(path, "counterfact")
+    reqs = read_records(REAL_FACTS, "counterfact")
     prompts = [r.rewrite_prompt for r in reqs]
     was = model.training
     model.eval()

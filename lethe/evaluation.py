@@ -182,7 +182,8 @@ def locality_reference(model, tok, family: str, requests: Sequence[EditRequest],
     return out
 
 
-def _acc(preds: list[tuple[list[int], list[int]]]) -> float | None:
+def token_accuracy(preds: list[tuple[list[int], list[int]]]) -> float | None:
+    """Share of target tokens predicted top-1 over ``teacher_forced_predictions`` output (None: no tokens)."""
     total = sum(len(t) for _, t in preds)
     if not total:
         return None
@@ -196,10 +197,10 @@ def token_accuracy_scores(model, tok, family: str, requests: Sequence[EditReques
     model.eval()
     eff, para, loc = [], [], []
     for k, req in enumerate(requests):
-        eff.append(_acc(teacher_forced_predictions(model, tok, family, [(req.rewrite_prompt, req.target_new)],
+        eff.append(token_accuracy(teacher_forced_predictions(model, tok, family, [(req.rewrite_prompt, req.target_new)],
                                                    batch_size)))
         if req.paraphrase_prompts:
-            para.append(_acc(teacher_forced_predictions(
+            para.append(token_accuracy(teacher_forced_predictions(
                 model, tok, family, [(p, req.target_new) for p in req.paraphrase_prompts], batch_size)))
         if pre_predictions is not None:
             pairs = locality_pairs(req)
@@ -208,7 +209,7 @@ def token_accuracy_scores(model, tok, family: str, requests: Sequence[EditReques
             if len(ref) != len(now):
                 raise ValueError(f"case {req.case_id}: pre-edit predictions cover {len(ref)} locality pairs, "
                                  f"the request has {len(now)}")
-            loc.append(_acc([(p, r) for (p, _), r in zip(now, ref)]))
+            loc.append(token_accuracy([(p, r) for (p, _), r in zip(now, ref)]))
     model.train(was_training)
     return {
         "protocol": TOKEN_ACCURACY,

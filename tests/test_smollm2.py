@@ -9,11 +9,9 @@ import pytest
 
 from lethe.io import REAL_FACTS
 
-DATA = REAL_FACTS
-
 
 def _records():
-    return json.loads(DATA.read_text())
+    return json.loads(REAL_FACTS.read_text())
 
 
 def test_real_facts_are_valid_counterfact_records():
