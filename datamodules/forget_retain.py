@@ -1,9 +1,9 @@
 """Forget / retain data for unlearning: plain texts or QA records, batched together.
 
 A training batch is ``{"forget": lm-batch, "retain": lm-batch}``; its length is the
-forget set's. Forget example i is paired with retain example ``perm[i mod R]`` (R = retain
-size, ``perm`` a permutation fixed by ``seed``), so a batch is a pure function of the forget
-indices: the shuffled order comes from the (distributed) sampler, which Lightning seeds
+forget set's. Forget example i is paired with the ``k = retain_per_forget`` retain examples
+``perm[(i*k + j) mod R]``, j < k (R = retain size, ``perm`` a permutation fixed by
+``seed``), so a batch is a pure function of the forget indices: the shuffled order comes from the (distributed) sampler, which Lightning seeds
 and shards under DDP, and a resumed run sees exactly the batches an uninterrupted one
 would. QA records train on their answer tokens (the question is context).
 
@@ -36,10 +36,12 @@ def _key(example: dict) -> tuple:
 
 
 class PairedDataset(Dataset):
-    """Forget example i with its fixed retain partner (or alone)."""
+    """Forget example i with its ``per_forget`` fixed retain partners (or alone)."""
 
-    def __init__(self, forget: list[dict], retain: list[dict], seed: int) -> None:
-        self.forget, self.retain = forget, retain
+    def __init__(self, forget: list[dict], retain: list[dict], seed: int, per_forget: int = 1) -> None:
+        if per_forget < 1:
+            raise ValueError(f"data.init_args.retain_per_forget={per_forget}: must be >= 1")
+        self.forget, self.retain, self.per_forget = forget, retain, per_forget
         self.perm = list(range(len(retain)))
         random.Random(seed).shuffle(self.perm)
 
@@ -49,8 +51,9 @@ class PairedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = {"forget": {**self.forget[i], "index": i}}
         if self.retain:
-            j = self.perm[i % len(self.retain)]
-            item["retain"] = {**self.retain[j], "index": j}
+            k, r = self.per_forget, len(self.retain)
+            item["retain"] = [{**self.retain[j], "index": j}
+                              for j in (self.perm[(i * k + t) % r] for t in range(k))]
         return item
 
 
@@ -106,7 +109,7 @@ def collate_paired(items: list[dict], tokenizer, family: str, max_length: int | 
                   add_eos=add_eos)
     batch = {"forget": enc([it["forget"] for it in items])}
     if "retain" in items[0]:
-        batch["retain"] = enc([it["retain"] for it in items])
+        batch["retain"] = enc([r for it in items for r in it["retain"]])
     return batch
 
 
@@ -117,7 +120,10 @@ class ForgetRetainDataModule(L.LightningDataModule):
         forget, retain, unseen: file path(s) of records of ``kind`` ("text", "tofu", "counterfact", "zsre").
         forget_texts / retain_texts / unseen_texts: inline documents.
         forget_pairs / retain_pairs / unseen_pairs: inline ``[prompt, target]`` pairs (QA).
-        batch_size: forget examples per step (each paired with one retain example).
+        batch_size: forget examples per step.
+        retain_per_forget: retain examples paired with each forget example (a step's retain batch is
+            ``batch_size * retain_per_forget``): a larger retain batch anchors more of the retained
+            knowledge per step.
         eval_batch_size: batch size of the evaluation sets.
         max_length: token limit (None: the model's context); longer sequences follow ``on_long``.
         on_long: "truncate" (warn) or "error".
@@ -142,6 +148,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         retain_pairs: list[list[str]] | None = None,
         unseen_pairs: list[list[str]] | None = None,
         batch_size: int = 8,
+        retain_per_forget: int = 1,
         eval_batch_size: int = 32,
         max_length: int | None = None,
         on_long: str = "truncate",
@@ -160,6 +167,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if on_long not in ("truncate", "error"):
             raise ValueError(f"on_long={on_long!r}: use 'truncate' or 'error'")
+        if retain_per_forget < 1:
+            raise ValueError(f"data.init_args.retain_per_forget={retain_per_forget}: must be >= 1")
         self.tokenizer = None
         self.family = family
         self.max_len: int | None = max_length
@@ -244,7 +253,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        ds = PairedDataset(self.sets["forget"], self.sets["retain"], h.seed)
+        ds = PairedDataset(self.sets["forget"], self.sets["retain"], h.seed, h.retain_per_forget)
         collate = partial(collate_paired, tokenizer=self.tokenizer, family=self.family, max_length=self.max_len,
                           seed=h.seed, add_eos=h.add_eos)
         # A DistributedSampler even on one process: its order is a function of (seed, epoch) -- Lightning calls

@@ -176,6 +176,36 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
 
 
+def test_retain_batches_are_deterministic_sharded_and_sized(tiny):
+    """k retain examples per forget example; two DDP ranks split the forget set without overlap; same seed,
+    same batches; one epoch covers the retain set when forget * k >= retain."""
+    from types import SimpleNamespace
+
+    m = UnlearningModule(tiny["gpt2"], method="graddiff")
+
+    def batches(rank: int, world: int, k: int, seed: int = 0) -> list[dict]:
+        dm = _dm(m, forget_texts=_texts(8, 0), retain_texts=_texts(12, 1), batch_size=2, retain_per_forget=k,
+                 seed=seed)
+        dm.setup()
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(0)
+        return list(loader)
+
+    one = batches(0, 1, 3)
+    assert len(one) == 4 and all(b["retain"]["input_ids"].shape[0] == 6 for b in one)
+    assert {int(i) for b in one for i in b["retain"]["index"]} == set(range(12))  # 8 * 3 >= 12
+    again = batches(0, 1, 3)
+    assert all(torch.equal(a["retain"]["index"], b["retain"]["index"]) for a, b in zip(one, again))
+    assert not all(torch.equal(a["retain"]["index"], b["retain"]["index"])
+                   for a, b in zip(one, batches(0, 1, 3, seed=1)))
+    shards = [[int(i) for b in batches(r, 2, 3) for i in b["forget"]["index"]] for r in (0, 1)]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(8))
+    assert all(b["retain"]["input_ids"].shape[0] == 2 for b in batches(0, 1, 1))
+    with pytest.raises(ValueError, match="retain_per_forget=0"):
+        ForgetRetainDataModule(forget_texts=_texts(2, 0), retain_per_forget=0)
+
+
 # ---------------------------------------------------------------------- bad input
 
 
