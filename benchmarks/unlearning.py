@@ -7,9 +7,11 @@ Lightning with the ForgettingTracker's stopping rule (forget MA and EL_10 at or 
 unseen set's, measured at step 0). Reported per method: forget MA / EL_10 before and
 after, the unseen thresholds, retain MA before/after, the step it stopped at, and
 training throughput (tokens/s) of Lightning vs a plain PyTorch loop running the same
-steps on the same batches in this process (their ratio; best of ``--repeats``). Where the
+steps on the same batches in this process (their ratio; best of ``--repeats``). GradDiff and
+NPO pair each forget sentence with 4 retain sentences (``retain_per_forget``). Where the
 retain MA goes: ``retain_object_accuracy`` (object tokens of the retain facts, split by whether a
-forget fact has the same relation and object).
+forget fact has the same relation and object). Whether the kept knowledge reaches beyond the
+retain set: ``untouched_train_ma`` (MA on 256 further training facts, in neither set).
 
 SmolLM2: passages it memorised in pre-training (``lethe/data/memorised_passages.json``,
 the ``selected`` ones) unlearned with NPO through a LoRA adapter; forget MA / EL_10 before
