@@ -3,9 +3,10 @@
 A training batch is ``{"forget": lm-batch, "retain": lm-batch}``; its length is the
 forget set's. Forget example i is paired with the ``k = retain_per_forget`` retain examples
 ``perm[(i*k + j) mod R]``, j < k (R = retain size, ``perm`` a permutation fixed by
-``seed``), so a batch is a pure function of the forget indices: the shuffled order comes from the (distributed) sampler, which Lightning seeds
-and shards under DDP, and a resumed run sees exactly the batches an uninterrupted one
-would. QA records train on their answer tokens (the question is context).
+``seed``), so a batch is a pure function of the forget indices: the shuffled order comes
+from the (distributed) sampler, which Lightning seeds and shards under DDP, and a resumed
+run sees exactly the batches an uninterrupted one would. QA records train on their answer
+tokens (the question is context).
 
 Evaluation sets for the forgetting callback: ``forget``, ``retain`` and ``unseen``
 (held-out text the model never saw -- the reference level for the stopping rule), each
@@ -39,8 +40,6 @@ class PairedDataset(Dataset):
     """Forget example i with its ``per_forget`` fixed retain partners (or alone)."""
 
     def __init__(self, forget: list[dict], retain: list[dict], seed: int, per_forget: int = 1) -> None:
-        if per_forget < 1:
-            raise ValueError(f"data.init_args.retain_per_forget={per_forget}: must be >= 1")
         self.forget, self.retain, self.per_forget = forget, retain, per_forget
         self.perm = list(range(len(retain)))
         random.Random(seed).shuffle(self.perm)

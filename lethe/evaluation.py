@@ -197,8 +197,8 @@ def token_accuracy_scores(model, tok, family: str, requests: Sequence[EditReques
     model.eval()
     eff, para, loc = [], [], []
     for k, req in enumerate(requests):
-        eff.append(token_accuracy(teacher_forced_predictions(model, tok, family, [(req.rewrite_prompt, req.target_new)],
-                                                   batch_size)))
+        eff.append(token_accuracy(teacher_forced_predictions(
+            model, tok, family, [(req.rewrite_prompt, req.target_new)], batch_size)))
         if req.paraphrase_prompts:
             para.append(token_accuracy(teacher_forced_predictions(
                 model, tok, family, [(p, req.target_new) for p in req.paraphrase_prompts], batch_size)))
