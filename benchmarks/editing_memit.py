@@ -41,7 +41,8 @@ SMOLLM2_ARGS = {"n": "100", "preset": None, "layers": None, "lam": None, "positi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lethe:world-decoder")
     parser.add_argument("--n", default=None, help="edits per batch, comma list (default: 100,1000 on the world)")
-    parser.add_argument("--preset", default=None, help="MEMIT preset (default: from the model name)")
+    parser.add_argument("--preset", default=None, 
+                        help="preset file or name under configs/ (default: configs/edit/memit_<model>.yaml)")
     parser.add_argument("--layers", default=None, help="edited layers, comma list (default: the preset's)")
     parser.add_argument("--lam", type=float, default=None, help="mom2_update_weight λ")
     parser.add_argument("--position", default=None, help="subject_last or prompt_last")
@@ -53,13 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ft", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
-
-
-def _preset(model: str) -> str:
-    for name in ("world-decoder", "world-mlm", "world-seq2seq", "smollm2"):
-        if model.endswith(name):
-            return name
-    return "gpt2-xl"
 
 
 def _load(name: str, device: str):
@@ -129,7 +123,7 @@ def _mb(x: float) -> float:
 
 def run(args) -> dict:
     from datamodules.edits import load_requests
-    from lightning_modules.memit import MEMITEditor
+    from lethe.memit import MEMITEditor
 
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +131,9 @@ def run(args) -> dict:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     loaded = _load(args.model, device)
     model, tok, family = loaded.model, loaded.tokenizer, loaded.family
-    preset = args.preset or _preset(args.model)
+    from lethe.presets import editor_preset
+
+    preset, hparams = editor_preset("memit", args.model, args.preset)
     world = args.model.startswith("lethe:world")
     sizes = [int(x) for x in (args.n or ("100,1000" if world else "100")).split(",")]
     if args.quick:
@@ -146,7 +142,7 @@ def run(args) -> dict:
                  "mom2_update_weight": args.lam, "position": args.position, "mom2_n_samples": args.mom2_n}
     if args.quick:
         overrides["mom2_n_samples"] = overrides["mom2_n_samples"] or 500
-    editor = MEMITEditor(preset, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+    editor = MEMITEditor(hparams, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
                          overrides={k: v for k, v in overrides.items() if v is not None})
     hp = editor.hp
     source = args.requests or ("world:train" if world else "real_facts")

@@ -39,7 +39,8 @@ SMOLLM2_ARGS = {"n": 20, "preset": None, "layer": None, "requests": None, "set":
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lethe:world-decoder")
     parser.add_argument("--n", type=int, default=50, help="number of single edits")
-    parser.add_argument("--preset", default=None, help="ROME preset (default: from the model name)")
+    parser.add_argument("--preset", default=None, 
+                        help="preset file or name under configs/ (default: configs/edit/rome_<model>.yaml)")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--mom2-n", type=int, default=None, help="covariance sample count (texts)")
     parser.add_argument("--requests", default=None, help="world:train, real_facts or a CounterFact file")
@@ -49,13 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ft", action="store_true")
     parser.add_argument("--set", default="{}", help='JSON of ROME hyperparameter overrides, e.g. \'{"v_steps": 40}\'')
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
-
-
-def _preset(model: str) -> str:
-    for name in ("world-decoder", "world-mlm", "world-seq2seq", "smollm2"):
-        if model.endswith(name):
-            return name
-    return "gpt2-xl"
 
 
 def _scores(loaded, req, pre_loc) -> dict:
@@ -105,18 +99,20 @@ def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps
 
 def run(args) -> dict:
     from datamodules.edits import load_requests
-    from lightning_modules.rome import ROMEEditor
+    from lethe.rome import ROMEEditor
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     loaded = load_model(args.model)
     model, tok, family = loaded.model, loaded.tokenizer, loaded.family
-    preset = args.preset or _preset(args.model)
+    from lethe.presets import editor_preset
+
+    preset, hparams = editor_preset("rome", args.model, args.preset)
     overrides = {**json.loads(args.set), "layer": args.layer, "mom2_n_samples": args.mom2_n}
     if args.quick:
         overrides.setdefault("mom2_n_samples", None)
         overrides["mom2_n_samples"] = overrides["mom2_n_samples"] or 500
-    editor = ROMEEditor(preset, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+    editor = ROMEEditor(hparams, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
                         overrides={k: v for k, v in overrides.items() if v is not None})
     source = args.requests or ("world:train" if args.model.startswith("lethe:world") else "real_facts")
     n = 5 if args.quick else args.n
@@ -126,14 +122,14 @@ def run(args) -> dict:
     known = ev.counterfact_scores(model, tok, family, pool)["efficacy_per_case"]
     reqs = [r for r, e in zip(pool, known) if e == 0.0][:n]
 
+    layer = loaded.adapter.check_layer(model, editor.hp.layer, editor.hp.stack)
     t0 = time.perf_counter()
-    editor.covariance(loaded)
+    editor.covariance(loaded, layer)
     cov_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     editor.prefixes(loaded)
     prefix_s = time.perf_counter() - t0
 
-    layer = editor.hp.layer
     pname = loaded.adapter.mlp_out_name(layer, editor.hp.stack) + ".weight"
     param = dict(model.named_parameters())[pname]
     fp0 = fingerprint(param)

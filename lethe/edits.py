@@ -220,20 +220,24 @@ class Editor(Protocol):
     def edit(self, loaded, requests: Sequence[EditRequest]) -> EditArtifact: ...
 
 
-def resolve_hparams(cls, presets: dict[str, dict], method: str, spec=None, **overrides):
-    """A hyperparameter dataclass ``cls`` from a preset name, a dict or an instance, with ``overrides`` (None
-    values ignored) on top; unknown presets and keys fail naming the method and what is known."""
+def resolve_hparams(cls, method: str, spec=None, **overrides):
+    """A hyperparameter dataclass ``cls`` from a dict or an instance (a preset's ``editor_args.hparams``), with
+    ``overrides`` (None values ignored) on top; unknown keys fail naming the method and what is known.
+
+    A string names a preset file (``configs/edit/<method>_<name>.yaml``); the former Python preset names
+    (``world-decoder``, ``smollm2``, ``gpt2-xl`` ...) still work, with a deprecation warning.
+    """
     if isinstance(spec, cls):
         base = dataclasses.asdict(spec)
     elif isinstance(spec, str):
-        if spec not in presets:
-            raise ValueError(f"unknown {method} preset {spec!r}; presets: {sorted(presets)}")
-        base = dict(presets[spec])
+        from lethe.presets import named_editor_hparams
+
+        base = named_editor_hparams(method, spec)
     else:
         base = dict(spec or {})
     base.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(base) - names
     if unknown:
-        raise ValueError(f"unknown {method} hyperparameters {sorted(unknown)}; known: {sorted(names)}")
+        raise ValueError(f"unknown {method.upper()} hyperparameters {sorted(unknown)}; known: {sorted(names)}")
     return cls(**base)

@@ -41,6 +41,7 @@ from torch import nn
 from lethe import lm
 from lethe.adapters import ArchAdapter, get_adapter, unwrap
 from lethe.hooks import Trace, TraceDict
+from lethe.locate import SubjectNotFoundError, fill, subject_tokens
 
 KINDS = ("block", "mlp", "attn")
 KIND_LABELS = {"block": "single restored layer (residual stream)", "mlp": "MLP contribution",
@@ -54,33 +55,6 @@ class TracingError(ValueError):
 
 
 # --------------------------------------------------------------------------- prompts and tokens
-def subject_token_range(tok, text: str, start: int, end: int, lead: int = 0) -> tuple[int, int]:
-    """[first, last+1) token indices (offset by ``lead`` special tokens) covering characters [start, end)."""
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start and b > a]
-    if not hits:
-        raise TracingError(f"subject {text[start:end]!r} is not found in the tokens of {text!r}")
-    return lead + hits[0], lead + hits[-1] + 1
-
-
-def fill_subject(prompt: str, subject: str) -> tuple[str, int, int]:
-    """The prompt with its one ``{}`` replaced by the subject, and the subject's character span.
-
-    A prompt without ``{}`` must contain the subject literally (its first occurrence is used).
-    """
-    if not subject or not subject.strip():
-        raise TracingError("the subject is empty")
-    if "{}" in prompt:
-        if prompt.count("{}") != 1:
-            raise TracingError(f"prompt {prompt!r} must hold exactly one '{{}}' for the subject")
-        at = prompt.index("{}")
-        return prompt[:at] + subject + prompt[at + 2:], at, at + len(subject)
-    at = prompt.find(subject)
-    if at < 0:
-        raise TracingError(f"subject {subject!r} does not occur in prompt {prompt!r} (and the prompt has no '{{}}')")
-    return prompt, at, at + len(subject)
-
-
 def _input_embeddings(model: nn.Module, adapter: ArchAdapter, family: str) -> nn.Module:
     """The embedding module whose output is corrupted (for seq2seq: the encoder's own)."""
     if family == "seq2seq":
@@ -244,12 +218,18 @@ def trace_fact(model: nn.Module, tok, prompt: str, subject: str, target: str | N
     was_training = model.training
     model.eval()
 
-    text, c0, c1 = fill_subject(prompt, subject)
+    try:
+        text, c0, c1 = fill(prompt, subject)
+    except SubjectNotFoundError as err:
+        raise TracingError(str(err)) from err
     if target is None:
         target = predict_next_token(model, tok, family, text)
     batch = lm.to_device(lm.encode_pairs(tok, family, [text], [target]), device)
     lead = len(lm._bos_prefix(tok))
-    s0, s1 = subject_token_range(tok, text, c0, c1, lead)
+    try:
+        s0, s1 = subject_tokens(tok, text, c0, c1, lead)
+    except SubjectNotFoundError as err:
+        raise TracingError(str(err)) from err
     ids = batch["input_ids"][0].tolist()
     n_target = int((batch["labels"][0] != lm.IGNORE).sum())
     n_prompt = lead + len(tok(text, add_special_tokens=False)["input_ids"])

@@ -14,14 +14,14 @@ from lethe.edits import EditArtifact
 from lethe.lm import EncodingError
 from lethe.models import LoadedModel
 from lethe.records import EditRequest
-from lethe.testing import tiny_model, tiny_tokenizer
-from lightning_modules.rome import (
+from lethe.rome import (
     ROMEEditor,
     SubjectNotFoundError,
     compute_keys,
     hparams_from,
     rome_update,
 )
+from lethe.testing import tiny_model, tiny_tokenizer
 
 RNG = random.Random(0)
 TEXTS = [" ".join(f"w{RNG.randrange(80)}" for _ in range(16)) for _ in range(96)]
@@ -141,7 +141,7 @@ def test_bad_input(tmp_path):
     # nothing was half-applied
     assert all(torch.equal(before[n], p) for n, p in lm_.model.named_parameters())
     with pytest.raises(ValueError, match="unknown ROME hyperparameters"):
-        hparams_from("world-decoder", lr=3)
+        hparams_from("edit/rome_decoder", lr=3)
 
 
 def test_covariance_cache_reuse_invalidation_and_other_model(tmp_path, monkeypatch):
@@ -189,7 +189,7 @@ def test_rome_edits_a_world_fact(world_decoder, tmp_path):
     known = greedy_match(m, tok, "decoder", [r.rewrite_prompt for r in pool], [r.target_true for r in pool])
     reqs = [r for r, k in zip(pool, known.tolist()) if k][:5]  # facts the model says before the edit
     assert len(reqs) == 5
-    ed = ROMEEditor("world-decoder", cache_dir=str(tmp_path), progress=False,
+    ed = ROMEEditor("edit/rome_decoder", cache_dir=str(tmp_path), progress=False,
                     overrides={"mom2_n_samples": 1000})
     pre = counterfact_scores(m, tok, "decoder", reqs)
     assert pre["efficacy"] == 0.0 and pre["neighborhood"] == 1.0

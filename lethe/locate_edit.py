@@ -1,0 +1,318 @@
+"""What the locate-and-edit family (ROME, MEMIT and their successors) shares.
+
+- ``LocateEditHyperParams``: the knobs every member has (value optimisation, prefixes, covariance);
+- prompt rows at the subject (``encode_at_subject``, ``edit_positions``) on the one locator of
+  :mod:`lethe.locate`;
+- ``optimise_values``: the value optimisation. ROME's v* is MEMIT's z for a single request: δ added to
+  a module's output at the edit position makes the target likely (mean target NLL over prefixed
+  prompts) under KL(new ‖ original) on "{subject} is a" prompts, a weight decay ‖δ‖/‖v₀‖² and a clamp
+  ‖δ‖ ≤ clamp·‖v₀‖. Requests optimise together in one batch; each δ only meets its own rows' losses
+  and Adam is element-wise, so a batch equals each request alone;
+- ``LocateEditor``: the per-model covariance (C = E[k kᵀ]) and prefix caches.
+
+Keys, values and residuals are averages over the same prefixed prompts everywhere (the r-ROME
+consistency fix that the reference code lacked).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lethe import lm
+from lethe.adapters import unwrap
+from lethe.covariance import layer_covariance, load_corpus
+from lethe.hooks import Trace
+from lethe.locate import SubjectNotFoundError, fill, subject_last_index
+from lethe.records import EditRequest
+
+__all__ = ["LocateEditHyperParams", "LocateEditor", "SubjectNotFoundError", "optimise_values"]
+
+
+@dataclass
+class LocateEditHyperParams:
+    """The knobs ROME and MEMIT share. A preset (``configs/edit/*.yaml``) sets every one of them."""
+
+    stack: str | None = None  # default: the decoder of a decoder-only model, the encoder otherwise
+    # where keys are read and δ added: "subject_last" (the papers) or "prompt_last" (the prediction position:
+    # decoder's last prompt token, MLM's first mask, seq2seq's last source token) for models whose causal
+    # trace shows the fact looked up there rather than at the subject (lethe's world decoder)
+    position: str = "subject_last"
+    v_lr: float = 0.5
+    v_steps: int = 20
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05  # a request stops once its mean target NLL is below this
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    # [number of prefixes, length in tokens] groups; "" (the bare prompt) is always included
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_source: str = "auto"  # "generate" (decoders, as in the papers), "corpus" snippets, or "auto"
+    mom2_corpus: str | list[str] = "pydoc"  # a corpus name/path (lethe.covariance.load_corpus) or texts
+    mom2_n_samples: int = 100000
+    mom2_max_length: int = 128
+    mom2_batch_size: int = 8
+    mom2_ridge: float = 0.0  # λ·mean(diag C) added to C before the solve (0 = the papers)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- prompts and positions
+def context_prefixes(model: nn.Module, tok, family: str, groups: Sequence[Sequence[int]], source: str = "auto",
+                     corpus: str | Sequence[str] = "pydoc", seed: int = 0) -> list[str]:
+    """Short random prefixes ("" first) put before a prompt so keys and values do not overfit one context.
+
+    Decoders generate them (as in the paper); masked LMs and encoder-decoders cannot continue text, so
+    they take random word spans of the corpus.
+    """
+    if source == "auto":
+        source = "generate" if family == "decoder" else "corpus"
+    out = [""]
+    if source == "generate":
+        starts = ["The", "Therefore", "Because", "I", "You"]
+        device = next(model.parameters()).device
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            for n, length in groups:
+                for i in range(n):
+                    ids = tok(starts[i % len(starts)], return_tensors="pt")["input_ids"].to(device)
+                    with torch.no_grad():
+                        seq = unwrap(model).generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                                     top_k=5, max_new_tokens=length,
+                                                     pad_token_id=tok.pad_token_id)
+                    text = tok.decode(seq[0], skip_special_tokens=True)
+                    out.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
+        finally:
+            torch.random.set_rng_state(torch_state)
+    elif source == "corpus":
+        _, texts = load_corpus(corpus)
+        rng = random.Random(seed)
+        for n, length in groups:
+            for _ in range(n):
+                words = rng.choice(texts).split()
+                start = rng.randrange(max(1, len(words) - length))
+                span = " ".join(words[start:start + max(1, length // 2)])
+                out.append(span.replace("{", " ").replace("}", " ").strip() + ". ")
+    else:
+        raise ValueError(f"context_source must be 'generate', 'corpus' or 'auto', got {source!r}")
+    return out
+
+
+def check_request(tok, family: str, req: EditRequest) -> None:
+    """A request's target tokenises to something and its subject is found in its prompt's tokens."""
+    if not req.target_new.strip() or not tok(lm.target_text(req.target_new), add_special_tokens=False)["input_ids"]:
+        raise lm.EncodingError(f"case {req.case_id}: target_new {req.target_new!r} tokenises to nothing")
+    text, a, b = fill(req.prompt, req.subject, case=req.case_id)
+    subject_last_index(tok, text, a, b, req.case_id)
+
+
+def request_rows(requests: Sequence[EditRequest], prefixes: Sequence[str], kl_prompts: Sequence[str] = ()):
+    """(prefix, prompt, subject, target) rows of each request, each row's owner and whether it is a KL row."""
+    rows, owner, is_kl = [], [], []
+    for i, req in enumerate(requests):
+        for p in prefixes:
+            rows.append((p, req.prompt, req.subject, req.target_new))
+            owner.append(i)
+            is_kl.append(False)
+        for kp in kl_prompts:
+            rows.append(("", kp, req.subject, req.target_new))
+            owner.append(i)
+            is_kl.append(True)
+    return rows, owner, is_kl
+
+
+def encode_at_subject(tok, family: str, rows: Sequence[tuple[str, str, str, str]],
+                      case: object = None) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Encode (prefix, prompt-with-{}, subject, target) rows; also return each row's subject position."""
+    texts, pos = [], []
+    lead = len(lm._bos_prefix(tok))
+    for prefix, prompt, subject, _ in rows:
+        text, a, b = fill(prompt, subject, prefix, case)
+        texts.append(text)
+        pos.append(lead + subject_last_index(tok, text, a, b, case))
+    return lm.encode_pairs(tok, family, texts, [t for *_, t in rows]), pos
+
+
+def as_btd(t: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Activations as (batch, tokens, width): OPT's MLP sees tokens flattened to (batch·tokens, width)."""
+    if t.dim() == 2:
+        return t.view(*batch["input_ids"].shape, t.shape[-1])
+    return t
+
+
+def edit_positions(batch: dict[str, torch.Tensor], subject_pos: Sequence[int], family: str,
+                   where: str = "subject_last") -> list[int]:
+    """Per row, the token where keys are read and δ is added (see ``LocateEditHyperParams.position``)."""
+    if where == "subject_last":
+        return list(subject_pos)
+    if where != "prompt_last":
+        raise ValueError(f"position must be 'subject_last' or 'prompt_last', got {where!r}")
+    if family == "seq2seq":
+        return (batch["attention_mask"].sum(-1) - 1).tolist()
+    first = (batch["labels"] != lm.IGNORE).float().argmax(-1)
+    return (first - 1 if family == "decoder" else first).tolist()
+
+
+def first_label_positions(labels: torch.Tensor, family: str) -> torch.Tensor:
+    """Where, in ``lm.aligned`` logits, the first target token is predicted."""
+    lb = labels[:, 1:] if family == "decoder" else labels
+    return (lb != lm.IGNORE).float().argmax(-1)
+
+
+def group_mean(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of ``values`` rows per owner (n × width)."""
+    out = torch.zeros(n, values.shape[-1], dtype=values.dtype, device=values.device)
+    out.index_add_(0, owner, values)
+    counts = torch.bincount(owner, minlength=n).clamp(min=1).to(values.dtype)
+    return out / counts[:, None]
+
+
+# --------------------------------------------------------------------------- the value optimisation
+def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditRequest], module_name: str,
+                    hp: LocateEditHyperParams, prefixes: Sequence[str] = ("",)) -> dict:
+    """Target outputs z = v₀ + δ of ``module_name`` at the edit position, δ per request optimised in one batch
+    (see the module docstring); a request under ``hp.early_stop_loss`` is frozen and leaves the batch.
+
+    Returns ``{"z", "delta", "v_init"}`` (n × width), per request ``"loss"`` (final NLL) and ``"steps"``, and
+    ``"history"``: the mean target NLL of each request at every step (steps × n; NaN once it stopped).
+    """
+    device = next(model.parameters()).device
+    n = len(requests)
+    rows, owner, is_kl = request_rows(requests, prefixes, hp.kl_prompts)
+    batch, pos = encode_at_subject(tok, family, rows, requests[0].case_id if n == 1 else None)
+    pos = edit_positions(batch, pos, family, hp.position)
+    batch = lm.to_device(batch, device)
+    pos_t = torch.tensor(pos, device=device)
+    own = torch.tensor(owner, device=device)
+    kl_mask = torch.tensor(is_kl, device=device)
+    first = first_label_positions(batch["labels"], family)
+    was_training = model.training
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # only δ needs gradients: no graph through the weights
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), Trace(model, module_name, retain_output=True) as tr:
+            logits = lm.forward_logits(model, batch, family)
+            out = as_btd(tr.output, batch)
+            rw = ~kl_mask
+            all_rows = torch.arange(len(rows), device=device)
+            v_init = group_mean(out[all_rows[rw], pos_t[rw]].float(), own[rw], n)
+            lg, _ = lm.aligned(logits, batch["labels"], family)
+            kl_init = torch.log_softmax(lg[all_rows, first].float(), -1)  # used on the KL rows only
+            width = out.shape[-1]
+        del logits, lg, out
+        delta = torch.zeros(n, width, device=device, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        max_norm = hp.clamp_norm_factor * v_init.norm(dim=-1)
+        v_norm2 = v_init.norm(dim=-1).clamp(min=1e-8) ** 2
+        active = torch.ones(n, dtype=torch.bool, device=device)
+        last_nll = torch.full((n,), float("nan"), device=device)
+        steps = torch.zeros(n, dtype=torch.long)
+        history: list[list[float]] = []
+        n_kl = torch.bincount(own[kl_mask], minlength=n).clamp(min=1).float()
+        n_rw = torch.bincount(own[~kl_mask], minlength=n).clamp(min=1).float()
+        for _ in range(hp.v_steps):
+            sel = active[own].nonzero().squeeze(-1)
+            sub = {k: v[sel] for k, v in batch.items()}
+            s_own, s_pos, s_kl = own[sel], pos_t[sel], kl_mask[sel]
+            s_idx = torch.arange(len(sel), device=device)
+
+            def add_delta(x: torch.Tensor, _name: str, sub=sub, s_own=s_own, s_pos=s_pos, s_idx=s_idx):
+                view = as_btd(x, sub).clone()
+                view[s_idx, s_pos] = view[s_idx, s_pos] + delta[s_own].to(view.dtype)
+                return view.view(x.shape)
+
+            with torch.enable_grad(), Trace(model, module_name, retain_output=False, edit_output=add_delta):
+                logits = lm.forward_logits(model, sub, family)
+                tok_lp, mask = lm.token_logprobs(logits, sub["labels"], family)
+                row_nll = -tok_lp.sum(-1) / mask.sum(-1).clamp(min=1)
+                lg, _ = lm.aligned(logits, sub["labels"], family)
+                new_lp = torch.log_softmax(lg[s_idx, first[sel]].float(), -1)
+                row_kl = (new_lp.exp() * (new_lp - kl_init[sel])).sum(-1)  # KL(new ‖ original), per row
+                nll = torch.zeros(n, device=device).index_add(0, s_own[~s_kl], row_nll[~s_kl]) / n_rw
+                kl = torch.zeros(n, device=device).index_add(0, s_own[s_kl], row_kl[s_kl]) / n_kl
+                decay = hp.v_weight_decay * delta.norm(dim=-1) / v_norm2
+                loss = ((nll + hp.kl_factor * kl + decay) * active.clone()).sum()
+            with torch.no_grad():
+                last_nll[active] = nll.detach()[active]
+                history.append(torch.where(active, nll.detach(), torch.nan).tolist())
+                steps[active.cpu()] += 1
+                active &= ~(last_nll < hp.early_stop_loss)
+            if not bool(active.any()):
+                break
+            (grad,) = torch.autograd.grad(loss, [delta])
+            kept = delta.detach().clone()
+            delta.grad = grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                delta[~active] = kept[~active]  # frozen requests do not drift with Adam's momentum
+                norms = delta.norm(dim=-1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    d = delta.detach()
+    return {"z": v_init + d, "delta": d, "v_init": v_init, "loss": last_nll.tolist(), "steps": steps.tolist(),
+            "history": history}
+
+
+# --------------------------------------------------------------------------- the editors' shared state
+class LocateEditor:
+    """Base of the locate-and-edit editors: hyperparameters, and per-model caches of C and of the prefixes.
+
+    Subclasses set ``name`` and ``hparams_class`` and implement ``edit(loaded, requests) -> EditArtifact``.
+    """
+
+    name = "locate-edit"
+    hparams_class: type[LocateEditHyperParams] = LocateEditHyperParams
+
+    def __init__(self, hparams: LocateEditHyperParams | dict | str | None = None, cache_dir: str | None = None,
+                 progress: bool = True, overrides: dict | None = None) -> None:
+        from lethe.edits import resolve_hparams
+
+        self.hp = resolve_hparams(self.hparams_class, self.name, hparams, **(overrides or {}))
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self._prefixes: dict[int, list[str]] = {}
+        self._cov: dict[tuple, torch.Tensor] = {}
+
+    def covariance(self, loaded, layer: int) -> torch.Tensor:
+        """C = E[k kᵀ] of ``layer``'s MLP output-projection input (float64, cached on disk and here)."""
+        hp = self.hp
+        corpus_key = hp.mom2_corpus if isinstance(hp.mom2_corpus, str) else tuple(hp.mom2_corpus)
+        key = (id(unwrap(loaded.model)), layer, hp.stack, corpus_key, hp.mom2_n_samples, hp.mom2_max_length,
+               hp.mom2_ridge)
+        if key not in self._cov:
+            cov = layer_covariance(loaded.model, loaded.tokenizer, loaded.adapter, loaded.family, layer, hp.stack,
+                                   corpus=hp.mom2_corpus, n_samples=hp.mom2_n_samples,
+                                   max_length=hp.mom2_max_length, batch_size=hp.mom2_batch_size,
+                                   source=loaded.source, cache_dir=self.cache_dir, progress=self.progress)
+            if hp.mom2_ridge:
+                cov = cov + hp.mom2_ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+            self._cov[key] = cov
+        return self._cov[key]
+
+    def prefixes(self, loaded) -> list[str]:
+        key = id(unwrap(loaded.model))
+        if key not in self._prefixes:
+            self._prefixes[key] = context_prefixes(loaded.model, loaded.tokenizer, loaded.family,
+                                                   self.hp.context_templates, self.hp.context_source,
+                                                   self.hp.mom2_corpus, self.hp.seed)
+        return self._prefixes[key]
+
+    def check_requests(self, loaded, requests: Sequence[EditRequest]) -> None:
+        """Everything that can be wrong with the requests, checked before any weight changes."""
+        if not requests:
+            raise ValueError(f"{self.name} got an empty list of edit requests: nothing to edit")
+        if loaded.family == "seq2seq" and (self.hp.stack or "encoder") != "encoder":
+            raise ValueError(f"{self.name} edits a seq2seq model's encoder MLPs (stack='encoder')")
+        for req in requests:
+            check_request(loaded.tokenizer, loaded.family, req)
