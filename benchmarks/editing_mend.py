@@ -74,10 +74,10 @@ def module_for(method: str, args, model: str):
 
 def editor_for(method: str, ckpt: str):
     if method == "mend":
-        from lightning_modules.mend import MENDEditor
+        from lethe.mend import MENDEditor
 
         return MENDEditor(ckpt)
-    from lightning_modules.knowledge_editor import KEEditor
+    from lethe.knowledge_editor import KEEditor
 
     return KEEditor(ckpt)
 

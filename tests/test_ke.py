@@ -10,16 +10,17 @@ import torch
 from test_mend import REQS, fit, request
 
 from lethe import lm
-from lethe.models import load_model
-from lethe.testing import save_tiny
-from lightning_modules.hypernet_common import (
+from lethe.hypernetworks import (
     EditInputError,
     EditorCheckpointError,
     gradient_factors,
     grads_from_loss_check,
 )
-from lightning_modules.knowledge_editor import KEEditor, KnowledgeEditorModule
-from lightning_modules.mend import MENDEditor
+from lethe.knowledge_editor import KEEditor
+from lethe.mend import MENDEditor
+from lethe.models import load_model
+from lethe.testing import save_tiny
+from lightning_modules.knowledge_editor import KnowledgeEditorModule
 
 
 @pytest.fixture(scope="module")

@@ -93,8 +93,8 @@ def test_suppress_enhance_act_inside_and_leave_model_identical(model_type):
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_erase_and_revert_restore_weights(model_type, tmp_path):
     from lethe.edits import EditArtifact
+    from lethe.knowledge_neurons import erase_artifact
     from lethe.models import LoadedModel
-    from lightning_modules.knowledge_neurons import erase_artifact
 
     model = tiny_model(model_type)
     ad = get_adapter(model)
@@ -172,8 +172,8 @@ def world_decoder():
 def test_world_suppression_beats_random_and_edit_artifact(world_decoder, tmp_path):
     """On the trained world model: refined neurons matter more than random ones; an edit moves the fact."""
     from lethe import evaluation as ev
+    from lethe.knowledge_neurons import KnowledgeNeuronsEditor
     from lethe.world_models import load_world
-    from lightning_modules.knowledge_neurons import KnowledgeNeuronsEditor
 
     loaded = world_decoder
     model, tok, fam = loaded.model, loaded.tokenizer, loaded.family

@@ -13,16 +13,17 @@ from callbacks.process_group import CleanDistributedExit
 from datamodules.edit_training import GlobalBatchSampler, rank_and_world, split_requests
 from lethe import evaluation as ev
 from lethe import lm
-from lethe.models import LoadedModel, load_model
-from lethe.records import EditRequest
-from lethe.testing import save_tiny
-from lightning_modules.hypernet_common import (
+from lethe.hypernetworks import (
     EditInputError,
     EditorCheckpointError,
     gradient_factors,
     grads_from_loss_check,
 )
-from lightning_modules.mend import MENDEditor, MENDModule
+from lethe.mend import MENDEditor
+from lethe.models import LoadedModel, load_model
+from lethe.records import EditRequest
+from lethe.testing import save_tiny
+from lightning_modules.mend import MENDModule
 
 
 def request(i: int = 0, **kw) -> EditRequest:
