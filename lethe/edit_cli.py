@@ -11,13 +11,31 @@ Running the same command again resumes a sequential run from its artifact.
 
 from __future__ import annotations
 
-# Editing methods: name -> "module:Class" of a class with ``edit(loaded, requests) -> EditArtifact``.
-# Add yours with a one-line entry.
-EDITORS: dict[str, str] = {
-    "rome": "lightning_modules.rome:ROMEEditor", "memit": "lightning_modules.memit:MEMITEditor",
-    "mend": "lightning_modules.mend:MENDEditor", "ke": "lightning_modules.knowledge_editor:KEEditor",
-    "kn": "lightning_modules.knowledge_neurons:KnowledgeNeuronsEditor",
-}
+from lethe.registry import Registry
+
+# Editing methods: name -> a class with ``edit(loaded, requests) -> EditArtifact``. Add yours with one line,
+# EDITORS.register("mine", "my_package.my_module:MyEditor"), or name its import path in a preset.
+EDITORS = Registry("editor", {
+    "rome": "lethe.rome:ROMEEditor", "memit": "lethe.memit:MEMITEditor", "mend": "lethe.mend:MENDEditor",
+    "ke": "lethe.knowledge_editor:KEEditor", "kn": "lethe.knowledge_neurons:KnowledgeNeuronsEditor",
+})
+# Where the editors lived before lethe/ held every algorithm (accepted for one release, with a warning).
+MOVED = {"lightning_modules.rome": "lethe.rome", "lightning_modules.memit": "lethe.memit",
+         "lightning_modules.mend": "lethe.mend", "lightning_modules.knowledge_editor": "lethe.knowledge_editor",
+         "lightning_modules.knowledge_neurons": "lethe.knowledge_neurons"}
+
+
+def build_editor(editor: str, editor_args: dict | None = None):
+    """An editor from a registry name or an import path (``module:Class`` / dotted), with its arguments."""
+    import warnings
+
+    for old, new in MOVED.items():
+        if editor.startswith((old + ":", old + ".")):
+            moved = new + editor[len(old):]
+            warnings.warn(f"editor {editor!r} moved to {moved!r}; the old path is deprecated", DeprecationWarning,
+                          stacklevel=2)
+            editor = moved
+    return EDITORS.get(editor)(**(editor_args or {}))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,11 +9,11 @@ reverts each edit after it has been evaluated, so every batch meets the original
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
+from lethe.edit_cli import build_editor
 from lethe.edits import EditArtifact
 from lethe.io import write_json
 from lethe.models import LoadedModel
@@ -21,20 +21,6 @@ from lightning_modules.base import ModelModule
 
 ARTIFACT_DIR = "edit_artifact"
 MODEL_DIR = "edited_model"
-
-
-def build_editor(editor: str, editor_args: dict | None = None):
-    """An editor from a registry name (``lethe.edit_cli.EDITORS``) or a ``module:Class`` / dotted path."""
-    from lethe.edit_cli import EDITORS
-
-    target = EDITORS.get(editor, editor)
-    if ":" in target:
-        mod, cls = target.split(":")
-    elif "." in target:
-        mod, cls = target.rsplit(".", 1)
-    else:
-        raise ValueError(f"unknown editor {editor!r}; registered: {sorted(EDITORS)} (or give module:Class)")
-    return getattr(importlib.import_module(mod), cls)(**(editor_args or {}))
 
 
 class EditingModule(ModelModule):

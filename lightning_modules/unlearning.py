@@ -1,21 +1,8 @@
 """Knowledge Unlearning (Jang et al. 2022) and its successors as one LightningModule.
 
-A training batch is ``{"forget": batch, "retain": batch}`` (``retain`` optional), each a
-:mod:`lethe.lm` batch. The objective is a forget term plus an optional retain term:
-
-=============  ================  ===================  =================================
-``method``     forget term       default retain term  reference model
-=============  ================  ===================  =================================
-``ga``         gradient ascent   none                 no
-``graddiff``   gradient ascent   NLL (descent)        no
-``ga_kl``      gradient ascent   KL to reference      yes (retain)
-``npo``        NPO (beta=0.1)    none                 yes (forget)
-``simnpo``     SimNPO            none                 no
-``rmu``        RMU steering      RMU activation match yes (retain activations)
-=============  ================  ===================  =================================
-
-``retain_loss`` overrides the retain term (``none``, ``nll``, ``kl``; ``rmu`` only with
-RMU), e.g. NPO+retain-NLL or SimNPO+KL.
+The objectives (GA, GradDiff, KL, NPO, SimNPO, RMU, and any registered later) are in
+:mod:`lethe.unlearning`, each registered by name with its typed arguments; this module runs them on
+``{"forget": batch, "retain": batch}`` training batches and logs their terms.
 
 The model is trained in full or through a LoRA adapter (``lora: {r: 8, ...}``). A frozen
 reference, when the objective needs one, never doubles memory needlessly: with LoRA it is
@@ -27,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +24,19 @@ from torch import nn
 from lethe import lm
 from lethe.hooks import Trace
 from lethe.io import atomic_path, save_pretrained
-from lightning_modules import unlearning_losses as L
+from lethe.unlearning import (
+    FORGET,
+    RETAIN,
+    UnlearningConfigError,
+    build_objective,
+    resolve_method,
+)
 from lightning_modules.base import ModelModule
 
-METHODS: dict[str, tuple[str, str]] = {
-    "ga": ("ga", "none"),
-    "graddiff": ("ga", "nll"),
-    "ga_kl": ("ga", "kl"),
-    "npo": ("npo", "none"),
-    "simnpo": ("simnpo", "none"),
-    "rmu": ("rmu", "rmu"),
-}
-RETAIN_LOSSES = ("none", "nll", "kl", "rmu")
-
-
-class UnlearningConfigError(ValueError):
-    pass
-
-
-def resolve_method(method: str, retain_loss: str | None) -> tuple[str, str]:
-    """(forget term, retain term) of a preset's ``method`` / ``retain_loss``; clear errors for bad names."""
-    if method not in METHODS:
-        raise UnlearningConfigError(f"model.init_args.method={method!r} is not an unlearning method; "
-                                    f"choose one of {sorted(METHODS)}")
-    forget, retain = METHODS[method]
-    if retain_loss is not None:
-        if retain_loss not in RETAIN_LOSSES:
-            raise UnlearningConfigError(f"model.init_args.retain_loss={retain_loss!r}: use one of {RETAIN_LOSSES}")
-        if (retain_loss == "rmu") != (forget == "rmu") and retain_loss != "none":
-            raise UnlearningConfigError("retain_loss 'rmu' goes with method 'rmu' only (and RMU needs it)")
-        retain = retain_loss
-    return forget, retain
-
-
-def needs_retain(method: str, retain_loss: str | None = None) -> bool:
-    return resolve_method(method, retain_loss)[1] != "none"
+# deprecated argument -> (objective it belongs to, its name in method_args)
+DEPRECATED_ARGS = {"beta": ("npo", "beta"), "simnpo_beta": ("simnpo", "beta"), "simnpo_gamma": ("simnpo", "gamma"),
+                   "rmu_layer": ("rmu", "layer"), "rmu_stack": ("rmu", "stack"), "rmu_coef": ("rmu", "coef"),
+                   "rmu_seed": ("rmu", "seed")}
 
 
 class UnlearningModule(ModelModule):
@@ -78,13 +44,12 @@ class UnlearningModule(ModelModule):
 
     Args:
         model: hub name, local folder or ``lethe:`` alias of the trained model.
-        method: see the module docstring.
-        retain_loss: override the method's retain term.
+        method: a registered forget objective (``ga``, ``npo``, ``simnpo``, ``rmu``), a pairing (``graddiff``,
+            ``ga_kl``) or an import path ``module:Class`` (see :mod:`lethe.unlearning`).
+        method_args: the forget objective's arguments (NPO: ``{beta: 0.1}``; RMU: ``{layer, stack, coef, seed}``).
+        retain_loss / retain_args: override the method's retain term (``none``, ``nll``, ``kl``, ``rmu``).
         lr, weight_decay: AdamW (Jang et al. use Adam, lr 5e-5, no decay).
         forget_weight / retain_weight: weights of the two terms (RMU's alpha is ``retain_weight``).
-        beta: NPO's beta (0.1) -- SimNPO uses ``simnpo_beta`` and ``simnpo_gamma``.
-        rmu_layer / rmu_stack / rmu_coef / rmu_seed: the steered block, its stack (seq2seq), the
-            steering coefficient c and the seed of the random direction u.
         lora: None for full fine-tuning, else LoraConfig arguments (``r``, ``lora_alpha``,
             ``target_modules``, ``lora_dropout``).
         share_embeddings: full fine-tuning with a reference: freeze the token embeddings (and a
@@ -92,24 +57,21 @@ class UnlearningModule(ModelModule):
         disable_dropout: the paper trains with dropout 0; it also makes resumed runs exact.
         save_dir / save_mode: where to write the result at the end of fit: ``adapter`` (LoRA
             weights alone), ``merged`` (adapter folded into a plain HF model) or ``full``.
+        beta, simnpo_beta, simnpo_gamma, rmu_layer, rmu_stack, rmu_coef, rmu_seed: deprecated names of
+            ``method_args`` entries (accepted for one release, with a warning).
     """
 
     def __init__(
         self,
         model: str,
         method: str = "ga",
+        method_args: dict[str, Any] | None = None,
         retain_loss: str | None = None,
+        retain_args: dict[str, Any] | None = None,
         lr: float = 5e-5,
         weight_decay: float = 0.0,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
-        beta: float = 0.1,
-        simnpo_beta: float = 2.5,
-        simnpo_gamma: float = 0.0,
-        rmu_layer: int | None = None,
-        rmu_stack: str | None = None,
-        rmu_coef: float = 6.5,
-        rmu_seed: int = 0,
         lora: dict[str, Any] | None = None,
         share_embeddings: bool = True,
         disable_dropout: bool = True,
@@ -118,10 +80,31 @@ class UnlearningModule(ModelModule):
         dtype: str = "float32",
         trust_remote_code: bool = False,
         tokenizer: str | None = None,
+        beta: float | None = None,
+        simnpo_beta: float | None = None,
+        simnpo_gamma: float | None = None,
+        rmu_layer: int | None = None,
+        rmu_stack: str | None = None,
+        rmu_coef: float | None = None,
+        rmu_seed: int | None = None,
     ) -> None:
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
         self.save_hyperparameters()
-        self.forget_loss, self.retain_loss = resolve_method(method, retain_loss)
+        forget_name, retain_name = resolve_method(method, retain_loss)
+        method_args = dict(method_args or {})
+        deprecated = {"beta": beta, "simnpo_beta": simnpo_beta, "simnpo_gamma": simnpo_gamma, "rmu_layer": rmu_layer,
+                      "rmu_stack": rmu_stack, "rmu_coef": rmu_coef, "rmu_seed": rmu_seed}
+        for old, value in deprecated.items():
+            target, key = DEPRECATED_ARGS[old]
+            if value is None:
+                continue
+            warnings.warn(f"model.init_args.{old} is deprecated: use model.init_args.method_args: {{{key}: ...}}",
+                          DeprecationWarning, stacklevel=2)
+            if target == forget_name:
+                method_args.setdefault(key, value)
+        self.forget_objective = build_objective(FORGET, forget_name, method_args, "method")
+        self.retain_objective = build_objective(RETAIN, retain_name, retain_args, "retain_loss")
+        self.forget_loss, self.retain_loss = forget_name, retain_name
         if save_mode not in ("auto", "adapter", "merged", "full"):
             raise UnlearningConfigError(f"save_mode={save_mode!r}: use auto, adapter, merged or full")
         if save_mode in ("adapter", "merged") and not lora:
@@ -132,17 +115,9 @@ class UnlearningModule(ModelModule):
                     m.p = 0.0
         self.model.train()  # dropout is off (above); train mode only matters to modules that check it
         self.rmu_layer_name: str | None = None
-        if self.forget_loss == "rmu":
-            stack = rmu_stack or self.adapter.default_stack
-            n_layers = self.adapter.num_layers(self.model, stack)
-            layer = n_layers // 2 if rmu_layer is None else rmu_layer
-            self.adapter.check_layer(self.model, layer, stack)
-            self.rmu_stack = stack
-            self.rmu_layer_name = self.adapter.block_name(layer, stack, self.model)
-            width = self.model.config.get_text_config().hidden_size if hasattr(
-                self.model.config, "get_text_config") else self.model.config.hidden_size
-            self.register_buffer("rmu_control", rmu_coef * L.random_unit_vector(width, rmu_seed), persistent=True)
-        self.needs_reference = self.forget_loss == "npo" or self.retain_loss in ("kl", "rmu")
+        self.forget_objective.setup(self)
+        self.retain_objective.setup(self)
+        self.needs_reference = self.forget_objective.needs_reference or self.retain_objective.needs_reference
         self.is_lora = bool(lora)
         if self.is_lora:
             self._wrap_lora(dict(lora))
@@ -196,60 +171,28 @@ class UnlearningModule(ModelModule):
 
     # ------------------------------------------------------------------ the objective
 
-    def _logits(self, model, batch):
+    def logits(self, model, batch):
         return lm.forward_logits(model, batch, self.family)
 
-    def _hidden(self, model, batch) -> torch.Tensor:
+    def hidden(self, model, batch) -> torch.Tensor:
+        """The output of the block an activation objective (RMU) steers."""
         with Trace(model, self.rmu_layer_name, retain_output=True, stop=True) as tr:
             model(**lm.model_inputs(batch, self.family))
         return tr.output
-
-    def _rmu_mask(self, batch) -> torch.Tensor:
-        if self.family == "seq2seq" and self.rmu_stack == "decoder":
-            return batch["labels"] != lm.IGNORE
-        return batch["attention_mask"].bool()
 
     def compute_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one {forget, retain} batch and the terms to log (shared with the benchmark's plain loop)."""
         forget, retain = batch["forget"], batch.get("retain")
         h = self.hparams
-        logs: dict[str, torch.Tensor] = {}
-        if self.forget_loss == "rmu":
-            hid = self._hidden(self.model, forget)
-            loss_f = L.rmu_forget(hid, self._rmu_mask(forget), self.rmu_control)
-        else:
-            logits = self._logits(self.model, forget)
-            if self.forget_loss == "ga":
-                loss_f = L.gradient_ascent(logits, forget["labels"], self.family)
-            elif self.forget_loss == "npo":
-                logp, _ = L.sequence_logprob(logits, forget["labels"], self.family)
-                with torch.no_grad(), self.reference() as ref:
-                    ref_logp, _ = L.sequence_logprob(self._logits(ref, forget), forget["labels"], self.family)
-                loss_f = L.npo(logp, ref_logp, h.beta)
-            else:
-                logp, n = L.sequence_logprob(logits, forget["labels"], self.family)
-                loss_f = L.simnpo(logp, n, h.simnpo_beta, h.simnpo_gamma)
-            logs["forget_nll"] = lm.lm_loss(logits.detach(), forget["labels"], self.family)
+        loss_f, logs = self.forget_objective(self, forget)
         loss = h.forget_weight * loss_f
         logs["forget_loss"] = loss_f.detach()
         if self.retain_loss != "none":
             if retain is None:
                 raise UnlearningConfigError(f"method {h.method!r} with retain loss {self.retain_loss!r} needs a "
                                             "retain set: give data.init_args.retain (or retain_texts)")
-            if self.retain_loss == "rmu":
-                hid = self._hidden(self.model, retain)
-                with torch.no_grad(), self.reference() as ref:
-                    ref_hid = self._hidden(ref, retain)
-                loss_r = L.rmu_retain(hid, ref_hid, self._rmu_mask(retain))
-            else:
-                logits_r = self._logits(self.model, retain)
-                if self.retain_loss == "nll":
-                    loss_r = L.retain_nll(logits_r, retain["labels"], self.family)
-                else:
-                    with torch.no_grad(), self.reference() as ref:
-                        ref_logits = self._logits(ref, retain)
-                    loss_r = L.kl_to_reference(logits_r, ref_logits, retain["labels"], self.family)
-                logs["retain_nll"] = lm.lm_loss(logits_r.detach(), retain["labels"], self.family)
+            loss_r, retain_logs = self.retain_objective(self, retain)
+            logs.update(retain_logs)
             loss = loss + h.retain_weight * loss_r
             logs["retain_loss"] = loss_r.detach()
         logs["loss"] = loss.detach()
