@@ -4,7 +4,7 @@ Sources:
 - a file of records (``kind``: counterfact or zsre; validated by ``lethe.records``, errors name
   the file, record and field);
 - ``world`` / ``world:<split>``: the synthetic world's CounterFact-style requests
-  (``lethe.world_models.load_world().to_counterfact(split)``), or its zsRE form with kind=zsre;
+  (``lethe.world.load_world().to_counterfact(split)``), or its zsRE form with kind=zsre;
 - ``real_facts``: the bundled real facts (``lethe/data/real_facts.json``) for real models.
 
 Each batch is a plain list of ``EditRequest`` (the editor needs the text, not tensors).
@@ -25,7 +25,7 @@ def load_requests(source: str, kind: str = "counterfact", limit: int | None = No
                   seed: int | None = None) -> list[EditRequest]:
     """Requests from a file, the world (``world[:split]``) or ``real_facts``; optionally shuffled, then cut."""
     if source == "world" or source.startswith("world:"):
-        from lethe.world_models import load_world
+        from lethe.world import load_world
 
         split = source.split(":", 1)[1] if ":" in source else "train"
         world = load_world()

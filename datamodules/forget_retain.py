@@ -280,7 +280,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
 def world_split(n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64, seed: int = 0) -> dict[str, list]:
     """Disjoint fact samples of lethe's world: forget/retain from training facts, unseen from held-out ones."""
-    from lethe.world_models import load_world
+    from lethe.world import load_world
 
     world = load_world()
     train = list(world.train_facts)

@@ -59,7 +59,7 @@ def load_examples(paths: str | Sequence[str] | None, kind: str, texts: Sequence[
 def world_examples(split: str | None) -> list[dict]:
     if split is None:
         return []
-    from lethe.world_models import load_world
+    from lethe.world import load_world
 
     world = load_world()
     corpora = {"train": world.training_corpus, "unseen": world.unseen_corpus}

@@ -50,7 +50,7 @@ def load_facts(source: str, kind: str = "counterfact", limit: int | None = None,
     from lethe.records import read_records
 
     if source == "world" or source.startswith("world:"):
-        from lethe.world_models import load_world
+        from lethe.world import load_world
 
         reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
     elif source == "real_facts":

@@ -23,7 +23,11 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.process_group import CleanDistributedExit
+from lethe.registry import import_object
+
+# Callbacks every training job gets unless its preset already has one of the class, by class path as in a
+# preset (lethe/ imports nothing from callbacks/).
+DEFAULT_CALLBACKS = ("callbacks.process_group.CleanDistributedExit",)
 
 TRAINER_COMMANDS = {
     "fit": "train a method (unlearning, an editor hypernetwork, a language model) from a preset",
@@ -84,8 +88,10 @@ class LetheCLI(LightningCLI):
                 isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                              every_n_train_steps=run.get("save_every_n_steps")))
-        if not any(isinstance(c, CleanDistributedExit) for c in callbacks):
-            callbacks.append(CleanDistributedExit())
+        for path in DEFAULT_CALLBACKS:
+            cls = import_object(path)
+            if not any(isinstance(c, cls) for c in callbacks):
+                callbacks.append(cls())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

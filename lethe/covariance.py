@@ -87,7 +87,7 @@ def tofu_texts(directory: str | os.PathLike | None = None) -> list[str]:
 
 
 def world_texts() -> list[str]:
-    from lethe.world_models import load_world
+    from lethe.world import load_world
 
     return list(load_world().training_corpus())
 

@@ -121,7 +121,7 @@ def _requests(source: str, n: int, read_records) -> list[tuple[str, str, str]]:
     """(prompt, subject, true object) of the first ``n`` requests of a source (the same sources as
     ``lethe edit``'s datamodule: world[:split], real_facts, or a CounterFact file)."""
     if source == "world" or source.startswith("world:"):
-        from lethe.world_models import load_world
+        from lethe.world import load_world
 
         reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
     elif source == "real_facts":

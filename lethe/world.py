@@ -28,6 +28,7 @@ Conventions that other code relies on:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -556,3 +557,12 @@ class World:
 def generate_world(seed: int = 0, **kwargs) -> World:
     """Same as :meth:`World.generate`."""
     return World.generate(seed, **kwargs)
+
+
+WORLD_SEED = 0
+
+
+@functools.lru_cache(maxsize=4)
+def load_world(seed: int = WORLD_SEED) -> World:
+    """The world the embedded models learned (deterministic for the seed)."""
+    return World.generate(seed=seed)

@@ -25,12 +25,15 @@ import torch
 
 from lethe.io import atomic_path, cache_root, file_lock
 from lethe.models import register_alias
-from lethe.world import World
+from lethe.registry import import_object
+from lethe.world import WORLD_SEED, World, load_world
 
-WORLD_SEED = 0
 FAMILIES = ("decoder", "mlm", "seq2seq")
 STYLE = {"decoder": "gpt2", "mlm": "bert", "seq2seq": "t5"}
 BUILD_VERSION = 1
+# The Lightning job that pretrains a world model: the same LanguageModelModule and LMDataModule a preset names
+# (configs/lm/world_decoder.yaml), by class path (lethe/ imports nothing from the outer packages).
+TRAINING_JOB = {"model": "lightning_modules.lm.LanguageModelModule", "data": "datamodules.lm.LMDataModule"}
 
 # Architecture and training recipe per family: small enough to train in a few CPU minutes,
 # large enough to memorise ~2,000 facts.
@@ -42,12 +45,6 @@ RECIPES = {
     "seq2seq": {"arch": "t5", "width": 128, "layers": 3, "heads": 4, "ffn": 512,
                 "epochs": 40, "lr": 2e-3, "batch_size": 64, "decay": True},
 }
-
-
-@functools.lru_cache(maxsize=4)
-def load_world(seed: int = WORLD_SEED) -> World:
-    """The world the embedded models learned (deterministic for the seed)."""
-    return World.generate(seed=seed)
 
 
 def world_cache_dir(cache: str | os.PathLike | None = None, seed: int = WORLD_SEED) -> Path:
@@ -139,10 +136,8 @@ def training_data(world: World, family: str) -> dict:
 def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict) -> None:
     import lightning as L
 
-    from datamodules.lm import LMDataModule
     from lethe.io import save_pretrained
     from lethe.tokenizers import build_world_tokenizer
-    from lightning_modules.lm import LanguageModelModule
 
     start = time.time()
     world = load_world(seed)
@@ -151,9 +146,10 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict) -> 
     L.seed_everything(seed, workers=True, verbose=False)
     init = dest.parent / f".{dest.name}-init"
     save_pretrained(cls(config), tokenizer, init)
-    module = LanguageModelModule(model=str(init), lr=recipe["lr"], warmup_steps=50, decay=recipe["decay"])
-    data = LMDataModule(**training_data(world, family), batch_size=recipe["batch_size"], max_length=48,
-                        add_eos=family == "seq2seq", seed=seed)
+    module = import_object(TRAINING_JOB["model"])(model=str(init), lr=recipe["lr"], warmup_steps=50,
+                                                  decay=recipe["decay"])
+    data = import_object(TRAINING_JOB["data"])(**training_data(world, family), batch_size=recipe["batch_size"],
+                                               max_length=48, add_eos=family == "seq2seq", seed=seed)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=recipe["epochs"], logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, deterministic=True, log_every_n_steps=50,
