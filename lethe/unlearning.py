@@ -17,8 +17,8 @@ are the arguments a preset sets (``model.init_args.method_args`` / ``retain_args
 ``rmu``        RMU steering (layer, stack, coef, seed) rmu activation match yes (retain)
 =============  =====================================  ===================  ===============
 
-Adding an objective (UNDIAL, say) is one registered class here or in your own module
-(``method: my_module:MyObjective`` in a preset imports it) and one YAML. An objective is called
+Adding an objective (UNDIAL, say) is one registered class (or function ``f(ctx, batch, **args)``) here or
+in your own module (``method: my_module:my_objective`` in a preset imports it) and one YAML. An objective is called
 with the running ``UnlearningModule`` (``ctx``: ``model``, ``family``, ``logits(model, batch)``,
 ``hidden(model, batch)``, ``reference()``) and its batch, and returns (loss, terms to log).
 Signs: every objective returns a quantity to MINIMISE.
@@ -143,12 +143,32 @@ class Objective:
         raise NotImplementedError
 
 
+class FunctionObjective(Objective):
+    """A plain registered function ``f(ctx, batch, **args) -> loss`` (or ``(loss, logs)``) as an objective."""
+
+    def __init__(self, fn, **args) -> None:
+        self.fn, self.args = fn, args
+
+    def __call__(self, ctx, batch):
+        out = self.fn(ctx, batch, **self.args)
+        return out if isinstance(out, tuple) else (out, {})
+
+
 def build_objective(registry: Registry, name: str, args: dict[str, Any] | None, field_name: str) -> Objective:
     """The objective ``name`` with its arguments; unknown names and arguments fail naming the preset field."""
+    import inspect
+
     try:
         cls = registry.get(name)
     except ValueError as err:
         raise UnlearningConfigError(f"model.init_args.{field_name}={name!r}: {err}") from err
+    if not isinstance(cls, type):  # a function: its keyword parameters after (ctx, batch) are its arguments
+        known = set(list(inspect.signature(cls).parameters)[2:])
+        unknown = set(args or {}) - known
+        if unknown:
+            raise UnlearningConfigError(f"model.init_args.{field_name}_args: {name} has no argument(s) "
+                                        f"{sorted(unknown)}; its arguments: {sorted(known)}")
+        return FunctionObjective(cls, **(args or {}))
     known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     unknown = set(args or {}) - known
     if unknown:
@@ -163,7 +183,7 @@ def resolve_method(method: str, retain_loss: str | None) -> tuple[str, str]:
         forget, retain = METHODS[method]
     else:
         try:
-            forget, retain = method, FORGET.get(method).default_retain
+            forget, retain = method, getattr(FORGET.get(method), "default_retain", "none")
         except ValueError as err:
             raise UnlearningConfigError(f"model.init_args.method={method!r} is not an unlearning method; choose one "
                                         f"of {sorted({*FORGET.names(), *METHODS})} (or module:Class)") from err

@@ -266,3 +266,52 @@ def test_presets_name_real_arguments():
             d = cfg["data"]["init_args"]
             has = d.get("retain") or d.get("retain_texts") or d.get("retain_pairs") or d.get("builtin") == "world"
             assert has, p.name
+
+
+def test_a_toy_objective_is_one_registered_function_and_one_yaml(tiny, tmp_path, monkeypatch):
+    """Adding a loss: register one function, name it in a preset, run it through ``lethe fit``."""
+    from lethe.cli import main
+    from lethe.unlearning import FORGET
+
+    seen = []
+
+    def scaled_ascent(ctx, batch, scale: float = 1.0):
+        seen.append(scale)
+        return -scale * lm.lm_loss(ctx.logits(ctx.model, batch), batch["labels"], ctx.family)
+
+    FORGET.register("toy_scaled_ascent", scaled_ascent)
+    forget = _texts(4, 7)
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "enable_progress_bar": False,
+                    "log_every_n_steps": 1},
+        "model": {"class_path": "lightning_modules.unlearning.UnlearningModule",
+                  "init_args": {"model": tiny["gpt2"], "method": "toy_scaled_ascent", "method_args": {"scale": 2.0},
+                                "lr": 1e-2, "save_dir": str(tmp_path / "out")}},
+        "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
+                 "init_args": {"forget_texts": forget, "batch_size": 4}},
+        "run": {"root": str(tmp_path / "runs"), "name": "toy"},
+    }
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    before = UnlearningModule(tiny["gpt2"])
+    nll0 = _nll(before, _batch(before, forget))
+    main(["fit", "--config", str(preset)])
+    assert seen == [2.0] * 3  # three steps, with the preset's argument
+    after = UnlearningModule(str(tmp_path / "out"))
+    assert _nll(after, _batch(after, forget)) > nll0  # it ascended
+    rows = (tmp_path / "runs" / "toy" / "metrics.csv").read_text().splitlines()
+    assert rows[0].count("train/forget_loss") == 1 and len(rows) >= 4
+    with pytest.raises(UnlearningConfigError, match="no argument"):
+        UnlearningModule(tiny["gpt2"], method="toy_scaled_ascent", method_args={"temperature": 1.0})
+
+
+def test_former_method_keywords_are_deprecated_aliases(tiny):
+    with pytest.warns(DeprecationWarning, match="method_args"):
+        m = UnlearningModule(tiny["gpt2"], method="npo", beta=0.3)
+    assert m.forget_objective.beta == 0.3
+    with pytest.warns(DeprecationWarning, match="rmu_layer"):
+        r = UnlearningModule(tiny["gpt2"], method="rmu", rmu_layer=0, rmu_coef=3.0)
+    assert (r.forget_objective.layer, r.forget_objective.coef) == (0, 3.0)
+    assert torch.isclose(r.rmu_control.norm(), torch.tensor(3.0))
