@@ -551,23 +551,14 @@ def read_records(path: str | os.PathLike, kind: str, **kwargs: Any) -> list:
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``: all or nothing."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return p
+    """Write ``text`` to ``path`` all or nothing (``lethe.io.atomic_path``: umask permissions, no stray temporary)."""
+    from lethe.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before it replaces the old file
+    return Path(path)
 
 
 def _dump_json(path: str | os.PathLike, objs: Sequence[dict[str, Any]]) -> Path:

@@ -29,3 +29,18 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("boom")
     assert dest.read_text().strip().replace(" ", "").replace("\n", "") == '{"a":1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_every_writer_gives_umask_permissions(tmp_path):
+    """Record files, world exports and a result file written by a run: 0644 under umask 022, 0640 under 027."""
+    from lethe.records import TextRecord, write_records
+
+    for mask, want in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(mask)
+        try:
+            rec = write_records([TextRecord("a b c")], tmp_path / f"docs{mask}.jsonl", "text")
+            res = write_json(tmp_path / f"result{mask}.json", {"efficacy": 1.0})
+        finally:
+            os.umask(old)
+        for f in (rec, res):
+            assert stat.S_IMODE(f.stat().st_mode) == want, (f.name, oct(f.stat().st_mode))
