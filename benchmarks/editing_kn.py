@@ -60,7 +60,7 @@ def _rel_change(before: torch.Tensor, after: torch.Tensor) -> float:
 
 
 def run_model(name: str, args, log) -> dict:
-    from datamodules.edits import load_requests
+    from lethe.sources import load_requests
     from lethe.knowledge_neurons import KnowledgeNeuronsEditor, erase_artifact
 
     world = name.startswith("lethe:world")

@@ -122,7 +122,7 @@ def _mb(x: float) -> float:
 
 
 def run(args) -> dict:
-    from datamodules.edits import load_requests
+    from lethe.sources import load_requests
     from lethe.memit import MEMITEditor
 
     torch.manual_seed(args.seed)

@@ -98,7 +98,7 @@ def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps
 
 
 def run(args) -> dict:
-    from datamodules.edits import load_requests
+    from lethe.sources import load_requests
     from lethe.rome import ROMEEditor
 
     torch.manual_seed(args.seed)

@@ -16,7 +16,7 @@ import random
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules.edits import load_requests
+from lethe.sources import load_requests
 from lethe.records import EditRequest
 
 

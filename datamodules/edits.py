@@ -12,42 +12,11 @@ Each batch is a plain list of ``EditRequest`` (the editor needs the text, not te
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lethe.io import REAL_FACTS
-from lethe.records import EditRequest, read_records
-
-
-def load_requests(source: str, kind: str = "counterfact", limit: int | None = None, offset: int = 0,
-                  seed: int | None = None) -> list[EditRequest]:
-    """Requests from a file, the world (``world[:split]``) or ``real_facts``; optionally shuffled, then cut."""
-    if source == "world" or source.startswith("world:"):
-        from lethe.world import load_world
-
-        split = source.split(":", 1)[1] if ":" in source else "train"
-        world = load_world()
-        reqs = world.to_zsre(split) if kind == "zsre" else world.to_counterfact(split)
-    elif source == "real_facts":
-        reqs = read_records(REAL_FACTS, "counterfact")
-    else:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"edit requests: {source} does not exist (a file of {kind} records, "
-                                    "'world[:split]' or 'real_facts')")
-        reqs = read_records(source, kind)
-    if seed is not None:
-        import random
-
-        reqs = list(reqs)
-        random.Random(seed).shuffle(reqs)
-    reqs = list(reqs)[offset:]
-    if limit is not None:
-        reqs = reqs[:limit]
-    if not reqs:
-        raise ValueError(f"edit requests: {source} gave no requests (offset={offset}, limit={limit})")
-    return reqs
+from lethe.records import EditRequest
+from lethe.sources import load_requests
 
 
 def _as_list(items: list) -> list:

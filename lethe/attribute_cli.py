@@ -20,8 +20,6 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lethe.io import REAL_FACTS
-
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lethe attribute", description=__doc__)
@@ -47,22 +45,9 @@ def build_parser() -> ArgumentParser:
 
 
 def load_facts(source: str, kind: str = "counterfact", limit: int | None = None, offset: int = 0) -> list:
-    from lethe.records import read_records
+    from lethe.sources import load_requests
 
-    if source == "world" or source.startswith("world:"):
-        from lethe.world import load_world
-
-        reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
-    elif source == "real_facts":
-        reqs = read_records(REAL_FACTS, "counterfact")
-    else:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"attribute: data.source {source} does not exist")
-        reqs = read_records(source, kind)
-    reqs = reqs[offset:offset + limit if limit else None]
-    if not reqs:
-        raise ValueError(f"attribute: data.source {source} gave no facts (offset={offset}, limit={limit})")
-    return reqs
+    return load_requests(source, kind, limit, offset)
 
 
 def heatmap(fa, dest: Path, title: str = "") -> Path:

@@ -7,8 +7,8 @@ predictable folder, ``<run.root>/<run.name>/``: its checkpoints
 (``checkpoints/last.ckpt``), its CSV metrics, its wandb files and id, so that a
 resumed run continues the same logger run instead of scattering versions.
 
-Jobs that train nothing (editing, attribution, building the world) are further
-subcommands listed in ``COMMANDS``; each points at a ``main(argv)`` function.
+Jobs that train nothing (editing, attribution, tracing, building the world) are
+further entries of the same ``COMMANDS`` table; each points at a ``main(argv)``.
 """
 
 from __future__ import annotations
@@ -29,27 +29,28 @@ from lethe.registry import import_object
 # preset (lethe/ imports nothing from callbacks/).
 DEFAULT_CALLBACKS = ("callbacks.process_group.CleanDistributedExit",)
 
-TRAINER_COMMANDS = {
-    "fit": "train a method (unlearning, an editor hypernetwork, a language model) from a preset",
-    "validate": "run a preset's validation loop",
-    "test": "run a preset's test loop",
-    "predict": "run a preset's predict loop",
-}
-
-# Non-training subcommands: name -> ("module:function", help). Later features register here.
+# The one command table: name -> (what runs it, one line of help). LightningCLI runs the training jobs
+# (``--config``, ``--print_config``, ``--ckpt_path last``); every other job is a ``module:main(argv)`` whose
+# parser is a jsonargparse ArgumentParser too (``--config`` YAML, ``--help``). Later features add one line.
+LIGHTNING = "lightning"
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("lethe.world_models:main", "build the synthetic world and pretrain its tiny models (cached)"),
-    "edit": ("lethe.edit_cli:main", "apply an editor (ROME, MEMIT, MEND, KE, KN) to edit requests"),
+    "fit": (LIGHTNING, "train a method (unlearning, an editor hypernetwork, a language model) from a preset"),
+    "validate": (LIGHTNING, "run a preset's validation loop"),
+    "test": (LIGHTNING, "run a preset's test loop"),
+    "predict": (LIGHTNING, "run a preset's predict loop"),
+    "edit": ("lethe.edit_cli:main", "apply an editor (ROME, MEMIT, MEND, KE, KN) to edit requests from a preset"),
     "attribute": ("lethe.attribute_cli:main", "Knowledge-Neurons attribution: scores, refined neurons, heatmaps"),
     "trace": ("lethe.trace_cli:main", "causal tracing: where a model stores a fact, as a heatmap"),
+    "world": ("lethe.world_models:main", "build the synthetic world and pretrain its tiny models (cached)"),
 }
+TRAINER_COMMANDS = {name: help_ for name, (target, help_) in COMMANDS.items() if target == LIGHTNING}
 
 
 def _available_commands() -> dict[str, tuple[str, str]]:
+    """The non-training commands whose module is installed."""
     out = {}
     for name, (target, help_) in COMMANDS.items():
-        module = target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
+        if target != LIGHTNING and importlib.util.find_spec(target.split(":")[0]) is not None:
             out[name] = (target, help_)
     return out
 
@@ -184,11 +185,10 @@ def print_help() -> None:
         "",
         "lethe edits and erases knowledge in transformer language models, as Lightning jobs.",
         "",
-        "training jobs (LightningCLI: --config configs/<preset>.yaml, --print_config, --ckpt_path last):",
+        "commands (the training jobs and edit run through LightningCLI: --config configs/<preset>.yaml,",
+        "--print_config, --ckpt_path last):",
     ]
-    lines += [f"  {n.ljust(width)}  {h}" for n, h in TRAINER_COMMANDS.items()]
-    lines += ["", "other jobs:"]
-    lines += [f"  {n.ljust(width)}  {h}" for n, (_, h) in extra.items()]
+    lines += [f"  {n.ljust(width)}  {h}" for n, (target, h) in COMMANDS.items() if target == LIGHTNING or n in extra]
     print("\n".join(lines))
 
 

@@ -16,42 +16,45 @@ logs the pictures and the suggestion to a wandb run (honours ``WANDB_MODE=offlin
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
-from lethe.io import REAL_FACTS, write_json
+from lethe.io import write_json
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lethe trace", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="hub name, local folder or lethe alias")
-    p.add_argument("--prompt", help="prompt with {} for the subject")
-    p.add_argument("--subject")
-    p.add_argument("--target", default=None, help="object to trace (default: the model's own top-1 answer)")
-    p.add_argument("--requests", default=None,
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="lethe trace", description=__doc__)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML of these options")
+    p.add_argument("--model", type=str, required=True, help="hub name, local folder or lethe alias")
+    p.add_argument("--prompt", type=str | None, default=None, help="prompt with {} for the subject")
+    p.add_argument("--subject", type=str | None, default=None)
+    p.add_argument("--target", type=str | None, default=None,
+                   help="object to trace (default: the model's own top-1 answer)")
+    p.add_argument("--requests", type=str | None, default=None,
                    help="trace many facts: world[:split], real_facts or a CounterFact file (their true objects)")
     p.add_argument("--n", type=int, default=20, help="facts to trace with --requests")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--kinds", default="block,mlp,attn", help="comma list of block, mlp, attn")
+    p.add_argument("--out", type=str, required=True, help="output folder")
+    p.add_argument("--kinds", type=str, default="block,mlp,attn", help="comma list of block, mlp, attn")
     p.add_argument("--samples", type=int, default=10, help="noise samples per cell")
-    p.add_argument("--noise", type=float, default=None, help="noise scale ν (default 3 × subject-embedding std)")
-    p.add_argument("--window", type=int, default=None, help="layers restored together for mlp/attn")
-    p.add_argument("--stack", default=None, help="stack to restore (default: the edited one)")
+    p.add_argument("--noise", type=float | None, default=None,
+                   help="noise scale ν (default 3 × subject-embedding std)")
+    p.add_argument("--window", type=int | None, default=None, help="layers restored together for mlp/attn")
+    p.add_argument("--stack", type=str | None, default=None, help="stack to restore (default: the edited one)")
     p.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", type=str, default="float32")
+    p.add_argument("--device", type=str | None, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-max", type=int, default=10, help="per-fact heatmaps to draw")
-    p.add_argument("--logger", default="none", help="none or wandb")
-    p.add_argument("--project", default="lethe", help="wandb project")
+    p.add_argument("--logger", type=str, default="none", help="none or wandb")
+    p.add_argument("--project", type=str, default="lethe", help="wandb project")
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -63,9 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     if bad:
         raise SystemExit(f"lethe trace: unknown --kinds {bad}; choose from {list(tracing.KINDS)}")
     if args.requests:
-        from lethe.records import read_records
-
-        facts = _requests(args.requests, args.n, read_records)
+        facts = _requests(args.requests, args.n)
     else:
         if not args.prompt or not args.subject:
             raise SystemExit("lethe trace: give --prompt and --subject (or --requests for many facts)")
@@ -110,30 +111,22 @@ def run(args: argparse.Namespace) -> dict:
         import wandb
 
         run = wandb.init(project=args.project, dir=str(out), name=f"trace-{Path(args.model).name}",
-                         config=vars(args))
+                         config={k: v for k, v in vars(args).items() if k != "config"})
         run.log({p.stem: wandb.Image(str(p)) for p in pictures})
         run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict | list)})
         run.finish()
     return summary
 
 
-def _requests(source: str, n: int, read_records) -> list[tuple[str, str, str]]:
-    """(prompt, subject, true object) of the first ``n`` requests of a source (the same sources as
-    ``lethe edit``'s datamodule: world[:split], real_facts, or a CounterFact file)."""
-    if source == "world" or source.startswith("world:"):
-        from lethe.world import load_world
+def _requests(source: str, n: int) -> list[tuple[str, str, str]]:
+    """(prompt, subject, true object) of the first ``n`` requests of a source (``lethe.sources``)."""
+    from lethe.sources import load_requests
 
-        reqs = load_world().to_counterfact(source.split(":", 1)[1] if ":" in source else "train")
-    elif source == "real_facts":
-        reqs = read_records(REAL_FACTS, "counterfact")
-    elif Path(source).exists():
-        reqs = read_records(source, "counterfact")
-    else:
-        raise SystemExit(f"lethe trace: --requests {source}: not world[:split], real_facts or an existing file")
-    facts = [(r.prompt, r.subject, r.target_true) for r in list(reqs)[:n]]
-    if not facts:
-        raise SystemExit(f"lethe trace: --requests {source} gave no facts")
-    return facts
+    try:
+        reqs = load_requests(source, "counterfact", limit=n)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"lethe trace: --requests {source}: {err}") from err
+    return [(r.prompt, r.subject, r.target_true) for r in reqs]
 
 
 def main(argv: list[str] | None = None) -> None:

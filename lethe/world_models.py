@@ -13,7 +13,6 @@ the command line; ``lethe world export DIR`` writes the world's records.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -176,23 +175,41 @@ for _family in FAMILIES:
     register_alias(f"world-{_family}", functools.partial(ensure_world_model, _family))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lethe world", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help="build (or reuse) the world models")
-    build.add_argument("--cache", default=None, help="cache folder (default $LETHE_CACHE or ~/.cache/lethe)")
-    build.add_argument("--family", choices=FAMILIES, action="append", help="only these families (repeatable)")
+def build_parser():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="lethe world", description=__doc__)
+    sub = parser.add_subcommands(dest="action")
+    build = ArgumentParser(description="build (or reuse) the world models")
+    build.add_argument("--cache", type=str | None, default=None,
+                       help="cache folder (default $LETHE_CACHE or ~/.cache/lethe)")
+    build.add_argument("--family", action="append", type=str, default=None,
+                       help=f"only this family (repeatable), of {list(FAMILIES)} (default: all)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    export = sub.add_parser("export", help="write the world's records (CounterFact, zsRE, TOFU, text)")
-    export.add_argument("directory")
-    export.add_argument("--split", default="train", choices=["train", "unseen", "all"])
-    args = parser.parse_args(argv)
+    export = ArgumentParser(description="write the world's records (CounterFact, zsRE, TOFU, text)")
+    export.add_argument("directory", type=str)
+    export.add_argument("--split", type=str, default="train", help="train, unseen or all")
+    sub.add_subcommand("build", build, help="build (or reuse) the world models")
+    sub.add_subcommand("export", export, help="write the world's records (CounterFact, zsRE, TOFU, text)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
     if args.action == "build":
-        for family in args.family or FAMILIES:
-            path = ensure_world_model(family, cache=args.cache, force=args.force)
+        families = args.build.family or list(FAMILIES)
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise SystemExit(f"lethe world build: unknown --family {unknown}; choose from {list(FAMILIES)}")
+        for family in families:
+            path = ensure_world_model(family, cache=args.build.cache, force=args.build.force)
             print(f"{family}: {path} (built in {build_info(path)['build_seconds']} s)")
     else:
-        written = load_world().export(args.directory, split=None if args.split == "all" else args.split)
+        split = args.export.split
+        if split not in ("train", "unseen", "all"):
+            raise SystemExit(f"lethe world export: --split {split!r}: use train, unseen or all")
+        written = load_world().export(args.export.directory, split=None if split == "all" else split)
         for kind, path in written.items():
             print(f"{kind}: {path}")
