@@ -60,8 +60,8 @@ def _rel_change(before: torch.Tensor, after: torch.Tensor) -> float:
 
 
 def run_model(name: str, args, log) -> dict:
-    from lethe.sources import load_requests
     from lethe.knowledge_neurons import KnowledgeNeuronsEditor, erase_artifact
+    from lethe.sources import load_requests
 
     world = name.startswith("lethe:world")
     loaded = load_model(name)

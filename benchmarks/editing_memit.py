@@ -39,21 +39,15 @@ SMOLLM2_ARGS = {"n": "100", "preset": None, "layers": None, "lam": None, "positi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="lethe:world-decoder")
+    from editing_rome import add_common_arguments
+
+    add_common_arguments(parser, "memit", "L∞ bound on FT's weight delta")
     parser.add_argument("--n", default=None, help="edits per batch, comma list (default: 100,1000 on the world)")
-    parser.add_argument("--preset", default=None, 
-                        help="preset file or name under configs/ (default: configs/edit/memit_<model>.yaml)")
     parser.add_argument("--layers", default=None, help="edited layers, comma list (default: the preset's)")
     parser.add_argument("--lam", type=float, default=None, help="mom2_update_weight λ")
     parser.add_argument("--position", default=None, help="subject_last or prompt_last")
-    parser.add_argument("--mom2-n", type=int, default=None, help="covariance sample count (texts)")
-    parser.add_argument("--requests", default=None, help="world:train, real_facts or a CounterFact file")
     parser.add_argument("--ft-epochs", type=int, default=10)
-    parser.add_argument("--ft-lr", type=float, default=1e-2)
-    parser.add_argument("--ft-eps", type=float, default=5e-2, help="L∞ bound on FT's weight delta")
-    parser.add_argument("--no-ft", action="store_true")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
 
 
 def _load(name: str, device: str):
@@ -122,8 +116,8 @@ def _mb(x: float) -> float:
 
 
 def run(args) -> dict:
-    from lethe.sources import load_requests
     from lethe.memit import MEMITEditor
+    from lethe.sources import load_requests
 
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -84,7 +84,7 @@ def editor_for(method: str, ckpt: str):
 
 def run_method(method: str, args) -> dict:
     import lightning as L
-    from editing_rome import _scores, _summary, ft_l_edit
+    from editing_rome import _scores, _summary, ft_l_edit, single_edits
 
     from datamodules.edit_training import EditTrainingDataModule
 
@@ -123,14 +123,7 @@ def run_method(method: str, args) -> dict:
     reqs, unknown_nb = ev.known_neighbours_only(model, tok, family, reqs)
     editor = editor_for(method, str(ckpt))
 
-    rows, secs = [], []
-    for req in reqs:
-        pre_loc = ev.locality_reference(model, tok, family, [req])
-        t = time.perf_counter()
-        art = editor.edit(loaded, [req])
-        secs.append(time.perf_counter() - t)
-        rows.append(_scores(loaded, req, pre_loc))
-        art.revert(model)
+    rows, secs = single_edits(loaded, editor, reqs)
     result = {
         "model": args.model, "family": family, "method": method,
         "protocol": "counterfact (efficacy/paraphrase/neighborhood) + token_accuracy",

@@ -36,20 +36,25 @@ from lethe.models import load_model
 SMOLLM2_ARGS = {"n": 20, "preset": None, "layer": None, "requests": None, "set": "{}", "mom2_n": None}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, method: str, ft_help: str) -> None:
+    """The options the ROME and MEMIT benchmarks share."""
     parser.add_argument("--model", default="lethe:world-decoder")
-    parser.add_argument("--n", type=int, default=50, help="number of single edits")
-    parser.add_argument("--preset", default=None, 
-                        help="preset file or name under configs/ (default: configs/edit/rome_<model>.yaml)")
-    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--preset", default=None,
+                        help=f"preset file or name under configs/ (default: configs/edit/{method}_<model>.yaml)")
     parser.add_argument("--mom2-n", type=int, default=None, help="covariance sample count (texts)")
     parser.add_argument("--requests", default=None, help="world:train, real_facts or a CounterFact file")
-    parser.add_argument("--ft-steps", type=int, default=10)
     parser.add_argument("--ft-lr", type=float, default=1e-2)
-    parser.add_argument("--ft-eps", type=float, default=5e-2, help="L-inf bound on FT-L's weight delta (as MEMIT's)")
+    parser.add_argument("--ft-eps", type=float, default=5e-2, help=ft_help)
     parser.add_argument("--no-ft", action="store_true")
-    parser.add_argument("--set", default="{}", help='JSON of ROME hyperparameter overrides, e.g. \'{"v_steps": 40}\'')
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "rome", "L-inf bound on FT-L's weight delta (as MEMIT's)")
+    parser.add_argument("--n", type=int, default=50, help="number of single edits")
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--ft-steps", type=int, default=10)
+    parser.add_argument("--set", default="{}", help='JSON of ROME hyperparameter overrides, e.g. \'{"v_steps": 40}\'')
 
 
 def _scores(loaded, req, pre_loc) -> dict:
@@ -69,6 +74,19 @@ def _summary(rows: list[dict], seconds: list[float]) -> dict:
     out["token_accuracy"] = {k: _mean(rows, k) for k in ("efficacy_acc", "paraphrase_acc", "locality")}
     out["seconds_per_edit"] = round(sum(seconds) / max(1, len(seconds)), 4)
     return out
+
+
+def single_edits(loaded, editor, reqs) -> tuple[list[dict], list[float]]:
+    """Each request edited alone on the original model (reverted after scoring): scores and seconds per edit."""
+    rows, secs = [], []
+    for req in reqs:
+        pre_loc = ev.locality_reference(loaded.model, loaded.tokenizer, loaded.family, [req])
+        t = time.perf_counter()
+        art = editor.edit(loaded, [req])
+        secs.append(time.perf_counter() - t)
+        rows.append(_scores(loaded, req, pre_loc))
+        art.revert(loaded.model)
+    return rows, secs
 
 
 def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps: float) -> None:
@@ -98,8 +116,8 @@ def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps
 
 
 def run(args) -> dict:
-    from lethe.sources import load_requests
     from lethe.rome import ROMEEditor
+    from lethe.sources import load_requests
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
@@ -134,14 +152,7 @@ def run(args) -> dict:
     param = dict(model.named_parameters())[pname]
     fp0 = fingerprint(param)
     tracemalloc.start()
-    rome_rows, rome_s = [], []
-    for req in reqs:
-        pre_loc = ev.locality_reference(model, tok, family, [req])
-        t = time.perf_counter()
-        art = editor.edit(loaded, [req])
-        rome_s.append(time.perf_counter() - t)
-        rome_rows.append(_scores(loaded, req, pre_loc))
-        art.revert(model)
+    rome_rows, rome_s = single_edits(loaded, editor, reqs)
     rome_trace_peak = tracemalloc.get_traced_memory()[1]
     revert_exact = fingerprint(param) == fp0
 

@@ -136,28 +136,14 @@ class Trace(contextlib.AbstractContextManager):
 class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     """Hook several modules at once; ``td[name]`` is that module's Trace."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Iterable[str],
-        retain_input: bool = False,
-        retain_output: bool = True,
-        edit_input: EditFn | None = None,
-        edit_output: EditFn | None = None,
-        clone: bool = False,
-        detach: bool = False,
-        stop: bool = False,
-    ) -> None:
+    def __init__(self, model: nn.Module, layers: Iterable[str], stop: bool = False, **options) -> None:
+        """``options``: ``Trace``'s retain_input, retain_output, edit_input, edit_output, clone, detach."""
         super().__init__()
         layers = list(dict.fromkeys(layers))
         self._stop = stop
         try:
             for i, name in enumerate(layers):
-                self[name] = Trace(
-                    model, name, retain_input=retain_input, retain_output=retain_output,
-                    edit_input=edit_input, edit_output=edit_output, clone=clone, detach=detach,
-                    stop=stop and i == len(layers) - 1,
-                )
+                self[name] = Trace(model, name, stop=stop and i == len(layers) - 1, **options)
         except Exception:
             self.close()
             raise

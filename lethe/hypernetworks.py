@@ -304,8 +304,7 @@ class HypernetEditor:
         self._ckpt: dict | None = None
         self._nets: dict[int, HyperNet] = {}
 
-    def build_net(self, hparams: dict, sites: list[Site], loaded) -> HyperNet:
-        raise NotImplementedError
+    net_class: type[HyperNet]  # the editor network a subclass applies (built by its ``from_hparams``)
 
     def net_for(self, loaded) -> HyperNet:
         key = id(unwrap(loaded.model))
@@ -323,7 +322,7 @@ class HypernetEditor:
                                         f"model ({loaded.source}): {err}") from err
         here = editor_meta(loaded.model, loaded.adapter, loaded.source, sites, self.method)
         check_meta(saved, here, self.checkpoint, self.allow_other_weights)
-        net = self.build_net(hp, sites, loaded)
+        net = self.net_class.from_hparams(hp, sites, loaded)
         state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state, strict=True)
         net.max_length = hp.get("max_length") or context_length(loaded.model)

@@ -39,6 +39,13 @@ class KENet(HyperNet):
 
     method = "ke"
 
+    @classmethod
+    def from_hparams(cls, hparams: dict, sites: list[Site], loaded) -> KENet:
+        """The network a training run with these hyperparameters (its checkpoint's) built."""
+        embed_dim = loaded.adapter.embeddings(loaded.model).weight.shape[1]
+        return cls(sites, embed_dim, hparams.get("lstm_hidden", 128), hparams.get("cond_dim", 256),
+                   hparams.get("hidden", 128), hparams.get("max_scale", 1.0), hparams.get("smoothing", 0.1))
+
     def __init__(self, sites: Sequence[Site], embed_dim: int, lstm_hidden: int = 128, cond_dim: int = 256,
                  hidden: int = 128, max_scale: float = 1.0, smoothing: float = 0.1) -> None:
         super().__init__(sites)
@@ -99,8 +106,4 @@ class KEEditor(HypernetEditor):
 
     name = "ke"
     method = "ke"
-
-    def build_net(self, hparams: dict, sites: list[Site], loaded) -> KENet:
-        embed_dim = loaded.adapter.embeddings(loaded.model).weight.shape[1]
-        return KENet(sites, embed_dim, hparams.get("lstm_hidden", 128), hparams.get("cond_dim", 256),
-                     hparams.get("hidden", 128), hparams.get("max_scale", 1.0), hparams.get("smoothing", 0.1))
+    net_class = KENet

@@ -95,6 +95,12 @@ class MENDNet(HyperNet):
 
     method = "mend"
 
+    @classmethod
+    def from_hparams(cls, hparams: dict, sites: list[Site], loaded) -> MENDNet:
+        """The network a training run with these hyperparameters (its checkpoint's) built."""
+        return cls(sites, rank=hparams.get("rank", 1920), n_hidden=hparams.get("n_hidden", 1),
+                   alpha_init=hparams.get("alpha_init", 1e-4))
+
     def __init__(self, sites: Sequence[Site], rank: int = 1920, n_hidden: int = 1, alpha_init: float = 1e-4) -> None:
         super().__init__(sites)
         shapes = sorted({s.shape for s in self.sites})
@@ -142,7 +148,4 @@ class MENDEditor(HypernetEditor):
 
     name = "mend"
     method = "mend"
-
-    def build_net(self, hparams: dict, sites: list[Site], loaded) -> MENDNet:
-        return MENDNet(sites, rank=hparams.get("rank", 1920), n_hidden=hparams.get("n_hidden", 1),
-                       alpha_init=hparams.get("alpha_init", 1e-4))
+    net_class = MENDNet

@@ -38,7 +38,7 @@ def teacher_forced_hits(logits: torch.Tensor, labels: torch.Tensor, family: str)
 
 
 class _Mean(Metric):
-    """Sum of per-sequence values over number of sequences."""
+    """A summed value over a summed count (per-sequence values over sequences, unless a subclass counts else)."""
 
     full_state_update = False
     higher_is_better = False
@@ -77,24 +77,16 @@ class ExtractionLikelihood(_Mean):
         self.update_values(values[~torch.isnan(values)])
 
 
-class Perplexity(Metric):
-    """exp(mean token NLL) over all target tokens seen."""
-
-    full_state_update = False
-    higher_is_better = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+class Perplexity(_Mean):
+    """exp(mean token NLL) over all target tokens seen (the mean is over tokens, not sequences)."""
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, family: str) -> None:
         tok, mask = lm.token_logprobs(logits, labels, family)
-        self.nll += -tok.detach().double().sum().to(self.nll.device)
-        self.tokens += mask.sum().double().to(self.tokens.device)
+        self.total += -tok.detach().double().sum().to(self.total.device)
+        self.count += mask.sum().double().to(self.count.device)
 
     def compute(self) -> torch.Tensor:
-        return torch.exp(self.nll / self.tokens).float() if self.tokens > 0 else torch.tensor(float("nan"))
+        return torch.exp(super().compute())
 
 
 # ---------------------------------------------------------------------- EL_n pieces

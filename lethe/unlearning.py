@@ -200,6 +200,13 @@ def needs_retain(method: str, retain_loss: str | None = None) -> bool:
     return resolve_method(method, retain_loss)[1] != "none"
 
 
+def with_reference(ctx, fn, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(model, batch)`` on the trained model and, without gradients, on the frozen reference."""
+    ours = fn(ctx.model, batch)
+    with torch.no_grad(), ctx.reference() as ref:
+        return ours, fn(ref, batch)
+
+
 def _logged_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
     return lm.lm_loss(logits.detach(), batch["labels"], family)
 
@@ -224,10 +231,9 @@ class NPO(Objective):
     needs_reference: ClassVar[bool] = True
 
     def __call__(self, ctx, batch):
-        logits = ctx.logits(ctx.model, batch)
+        logits, ref_logits = with_reference(ctx, ctx.logits, batch)
         logp, _ = sequence_logprob(logits, batch["labels"], ctx.family)
-        with torch.no_grad(), ctx.reference() as ref:
-            ref_logp, _ = sequence_logprob(ctx.logits(ref, batch), batch["labels"], ctx.family)
+        ref_logp, _ = sequence_logprob(ref_logits, batch["labels"], ctx.family)
         return npo(logp, ref_logp, self.beta), {"forget_nll": _logged_nll(logits, batch, ctx.family)}
 
 
@@ -305,9 +311,7 @@ class RetainKL(Objective):
     needs_reference: ClassVar[bool] = True
 
     def __call__(self, ctx, batch):
-        logits = ctx.logits(ctx.model, batch)
-        with torch.no_grad(), ctx.reference() as ref:
-            ref_logits = ctx.logits(ref, batch)
+        logits, ref_logits = with_reference(ctx, ctx.logits, batch)
         loss = kl_to_reference(logits, ref_logits, batch["labels"], ctx.family)
         return loss, {"retain_nll": _logged_nll(logits, batch, ctx.family)}
 
@@ -320,8 +324,6 @@ class RetainRMU(Objective):
     needs_reference: ClassVar[bool] = True
 
     def __call__(self, ctx, batch):
-        hid = ctx.hidden(ctx.model, batch)
-        with torch.no_grad(), ctx.reference() as ref:
-            ref_hid = ctx.hidden(ref, batch)
+        hid, ref_hid = with_reference(ctx, ctx.hidden, batch)
         return rmu_retain(hid, ref_hid, rmu_mask(ctx, batch)), {}
 
