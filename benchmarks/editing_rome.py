@@ -89,30 +89,46 @@ def single_edits(loaded, editor, reqs) -> tuple[list[dict], list[float]]:
     return rows, secs
 
 
-def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps: float) -> None:
-    """FT-L: a few Adam steps on the target NLL of the rewrite prompt, only ``param`` trained, and
-    ‖ΔW‖∞ ≤ eps enforced after each step."""
+def ft_constrained(loaded, reqs: list, params: list[torch.nn.Parameter], epochs: int, lr: float, eps: float,
+                   batch_size: int = 64, seed: int = 0) -> None:
+    """Fine-tune only ``params`` on the rewrite prompts' target NLL, keeping ‖ΔW‖∞ ≤ eps (FT-W)."""
     model, tok, family = loaded.model, loaded.tokenizer, loaded.family
-    device = param.device
-    batch = lm.to_device(lm.encode_pairs(tok, family, [req.rewrite_prompt], [req.target_new]), device)
-    w0 = param.detach().clone()
+    device = params[0].device
+    w0 = [p.detach().clone() for p in params]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    param.requires_grad_(True)
-    opt = torch.optim.Adam([param], lr=lr)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
     try:
-        for _ in range(steps):
-            with torch.enable_grad():
-                loss = lm.sequence_nll(model, batch, family).mean()
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                param.copy_(w0 + (param - w0).clamp(-eps, eps))
+        for _ in range(epochs):
+            order = torch.randperm(len(reqs), generator=gen).tolist()
+            for s in range(0, len(order), batch_size):
+                chunk = [reqs[i] for i in order[s:s + batch_size]]
+                batch = lm.to_device(lm.encode_pairs(tok, family, [r.rewrite_prompt for r in chunk],
+                                                     [r.target_new for r in chunk]), device)
+                with torch.enable_grad():
+                    loss = lm.sequence_nll(model, batch, family).mean()
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for p, w in zip(params, w0):
+                        p.copy_(w + (p - w).clamp(-eps, eps))
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps: float) -> None:
+    """FT-L: ``steps`` Adam steps on the target NLL of one rewrite prompt, only ``param`` trained, and
+    ‖ΔW‖∞ ≤ eps enforced after each step."""
+    ft_constrained(loaded, [req], [param], steps, lr, eps, batch_size=1)
 
 
 def run(args) -> dict:
