@@ -16,8 +16,8 @@ import random
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
-from lethe.sources import load_requests
 from lethe.records import EditRequest
+from lethe.sources import load_requests
 
 
 def split_requests(source: str = "world:train", kind: str = "counterfact", seed: int = 0, heldout: int = 250,
