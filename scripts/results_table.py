@@ -1,0 +1,110 @@
+"""The README's results table, generated from ``benchmarks/results/*.json`` (never typed by hand).
+
+    python scripts/results_table.py          # print the table
+    python scripts/results_table.py --write  # put it between the README's results markers
+
+A test checks that the README holds exactly what this prints, so the table cannot drift from the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _f(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _epn(d: dict) -> str:
+    """efficacy / paraphrase / neighbourhood."""
+    return f"{_f(d.get('efficacy'))} / {_f(d.get('paraphrase'))} / {_f(d.get('neighborhood'))}"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    """(benchmark, model, figures, command) per line of the table."""
+    out = []
+    for method, what in (("rome", "single edits"), ("mend", "held-out edits"), ("ke", "held-out edits")):
+        d = _load(method)
+        if d:
+            cmd = f"`python benchmarks/editing.py --method {method}`"
+            out.append((f"{method.upper()}, {d['n_edits']} {what}", "world decoder", _epn(d), cmd))
+            s = d.get("smollm2") or {}
+            if "efficacy" in s:
+                out.append((f"{method.upper()}, {s['n_edits']} {what}", "SmolLM2-135M", _epn(s), cmd))
+    d = _load("memit")
+    if d:
+        cmd = "`python benchmarks/editing.py --method memit`"
+        for model, block in (("world decoder", d), ("SmolLM2-135M", d.get("smollm2") or {})):
+            for run in block.get("runs", []):
+                out.append((f"MEMIT, {run['n_edits']} edits in one call", model, _epn(run["memit"]), cmd))
+    d = _load("kn")
+    if d:
+        for model, m in d["models"].items():
+            sup = m.get("suppression") or {}
+            if "refined_drop" in sup:
+                out.append(("Knowledge Neurons: P(true) drop, refined vs random neurons", model.replace("lethe:", ""),
+                            f"{_f(sup['refined_drop'])} vs {_f(sup['random_drop'])}",
+                            "`python benchmarks/editing.py --method kn`"))
+    d = _load("unlearning")
+    if d:
+        for name, m in d["methods"].items():
+            out.append((f"Unlearning {name}: forget MA, retain MA drop (points), steps", "world decoder",
+                        f"{_f(m['forget_ma_before'])} → {_f(m['forget_ma_after'])}, {_f(m['retain_ma_drop_points'], 1)}, "
+                        f"{m['steps_to_stop']}", "`python benchmarks/unlearning.py`"))
+    d = _load("tofu")
+    if d:
+        for name, m in d["models"].items():
+            out.append((f"TOFU {name}: forget quality / model utility", d.get("model", "").split(" (")[0],
+                        f"{m['forget_quality']:.2g} / {_f(m['model_utility'], 3)}", "`python benchmarks/tofu.py`"))
+    d = _load("world_recall")
+    if d:
+        for fam in ("world_decoder", "world_mlm", "world_seq2seq"):
+            if fam in d:
+                out.append(("World models: train / paraphrase / unseen recall", fam.replace("_", "-"),
+                            f"{_f(d[fam]['train_recall'])} / {_f(d[fam]['paraphrase_recall'])} / "
+                            f"{_f(d[fam]['unseen_recall'])}", "`python benchmarks/world_recall.py`"))
+    return out
+
+
+def table() -> str:
+    lines = ["| benchmark | model | result | command |", "|---|---|---|---|"]
+    lines += [f"| {b} | {m} | {r} | {c} |" for b, m, r, c in rows()]
+    return "\n".join(lines)
+
+
+def readme_with_table(text: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"{README}: the markers {START} / {END} are missing")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    args = parser.parse_args(argv)
+    if args.write:
+        from lethe.records import atomic_write
+
+        atomic_write(README, readme_with_table(README.read_text()))
+    else:
+        sys.stdout.write(table() + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
