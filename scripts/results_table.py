@@ -62,8 +62,8 @@ def rows() -> list[tuple[str, str, str, str]]:
     if d:
         for name, m in d["methods"].items():
             out.append((f"Unlearning {name}: forget MA, retain MA drop (points), steps", "world decoder",
-                        f"{_f(m['forget_ma_before'])} → {_f(m['forget_ma_after'])}, {_f(m['retain_ma_drop_points'], 1)}, "
-                        f"{m['steps_to_stop']}", "`python benchmarks/unlearning.py`"))
+                        (f"{_f(m['forget_ma_before'])} → {_f(m['forget_ma_after'])}, {_f(m['retain_ma_drop_points'], 1)}, "
+                        f"{m['steps_to_stop']}"), "`python benchmarks/unlearning.py`"))
     d = _load("tofu")
     if d:
         for name, m in d["models"].items():
@@ -74,8 +74,8 @@ def rows() -> list[tuple[str, str, str, str]]:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):
             if fam in d:
                 out.append(("World models: train / paraphrase / unseen recall", fam.replace("_", "-"),
-                            f"{_f(d[fam]['train_recall'])} / {_f(d[fam]['paraphrase_recall'])} / "
-                            f"{_f(d[fam]['unseen_recall'])}", "`python benchmarks/world_recall.py`"))
+                            (f"{_f(d[fam]['train_recall'])} / {_f(d[fam]['paraphrase_recall'])} / "
+                            f"{_f(d[fam]['unseen_recall'])}"), "`python benchmarks/world_recall.py`"))
     return out
 
 
