@@ -24,10 +24,9 @@ import random
 import warnings
 from functools import partial
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.lm import ExampleDataset, collate_examples, load_examples
+from datamodules.lm import ExampleDataset, ModelDataModule, collate_examples, load_examples
 from lethe import lm
 from lethe.io import MEMORISED_PASSAGES
 
@@ -112,7 +111,7 @@ def collate_paired(items: list[dict], tokenizer, family: str, max_length: int | 
     return batch
 
 
-class ForgetRetainDataModule(L.LightningDataModule):
+class ForgetRetainDataModule(ModelDataModule):
     """Forget (+ retain, + unseen) examples for unlearning.
 
     Args:
@@ -176,28 +175,16 @@ class ForgetRetainDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ set-up
 
     def _resolve(self) -> None:
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.family is not None:
             return
-        module = None
-        if self.trainer is not None and getattr(self.trainer, "lightning_module", None) is not None:
-            module = self.trainer.lightning_module
-        if self.hparams.tokenizer:
-            from lethe.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        elif module is not None:
-            self.tokenizer = module.tokenizer
+        module = self.resolve_tokenizer()
         if module is not None:
-            self.family = self.family or module.family
             ctx = _context_length(module.model)
             if ctx is not None and (self.max_len is None or self.max_len > ctx):
                 if self.max_len is not None:
                     warnings.warn(f"max_length={self.max_len} exceeds the model's context ({ctx}); using {ctx}",
                                   stacklevel=2)
                 self.max_len = ctx
-        if self.tokenizer is None or self.family is None:
-            raise ValueError("ForgetRetainDataModule needs a tokenizer and a family: run it with a lethe module, or "
-                             "pass tokenizer= and family=")
 
     def setup(self, stage: str | None = None) -> None:
         if self.sets:

@@ -84,7 +84,33 @@ def collate_examples(items: list[dict], tokenizer, family: str, max_length: int 
     return batch
 
 
-class LMDataModule(L.LightningDataModule):
+class ModelDataModule(L.LightningDataModule):
+    """A datamodule that tokenises for the model it feeds: the tokenizer and family come from the running
+    lethe LightningModule (a preset names the model once), or from ``tokenizer=`` / ``family=``."""
+
+    tokenizer = None
+    family: str | None = None
+
+    def resolve_tokenizer(self):
+        """Set ``self.tokenizer`` and ``self.family``; return the running module (None outside a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if self.tokenizer is None:
+            if self.hparams.get("tokenizer"):
+                from lethe.models import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            elif module is not None:
+                self.tokenizer = module.tokenizer
+        if module is not None:
+            self.family = self.family or module.family
+        if self.tokenizer is None or self.family is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer and a family: run it with a lethe module, "
+                             "or pass tokenizer= and family=")
+        return module
+
+
+class LMDataModule(ModelDataModule):
     """Train/val/test splits of LM examples.
 
     Args:
@@ -122,23 +148,8 @@ class LMDataModule(L.LightningDataModule):
         self.family = family
         self.splits: dict[str, ExampleDataset] = {}
 
-    def _resolve_tokenizer(self) -> None:
-        if self.tokenizer is not None:
-            return
-        if self.hparams.tokenizer:
-            from lethe.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        elif self.trainer is not None and getattr(self.trainer, "lightning_module", None) is not None:
-            module = self.trainer.lightning_module
-            self.tokenizer = module.tokenizer
-            self.family = self.family or module.family
-        if self.tokenizer is None or self.family is None:
-            raise ValueError("LMDataModule needs a tokenizer and a family: run it with a lethe module, or pass "
-                             "tokenizer= and family=")
-
     def setup(self, stage: str | None = None) -> None:
-        self._resolve_tokenizer()
+        self.resolve_tokenizer()
         h = self.hparams
         if "train" not in self.splits:
             train = load_examples(h.train, h.kind, h.texts, h.pairs) + world_examples(h.world)
