@@ -280,7 +280,11 @@ def load_editor_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"editor checkpoint {path} does not exist (train one with `lethe fit`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain containers only: a checkpoint from elsewhere must not be able to run code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, zip errors ...
+        raise EditorCheckpointError(f"{path}: not a loadable lethe editor checkpoint (read with weights_only=True, "
+                                    f"so objects other than tensors and plain containers are refused): {err}") from err
     if EDITOR_META_KEY not in ckpt:
         raise EditorCheckpointError(f"{path} is not a lethe MEND/KE editor checkpoint (no {EDITOR_META_KEY!r})")
     return ckpt

@@ -195,3 +195,22 @@ def test_trained_editor_edits_heldout_world_facts(tmp_path):
     assert sum(eff) / len(eff) >= 0.6
     assert sum(para) / len(para) > pre["paraphrase"]
     assert sum(nb) / len(nb) >= 0.8
+
+
+class _Planted:
+    """A pickle payload: unpickling it would run ``os.system``-like code (here: create a file)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_an_editor_checkpoint_that_would_run_code_is_refused(tmp_path):
+    planted = tmp_path / "planted.ckpt"
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": {}, "lethe_editor": {}, "payload": _Planted(str(marker))}, planted)
+    with pytest.raises(EditorCheckpointError, match="planted.ckpt.*weights_only=True"):
+        MENDEditor(str(planted)).net_for(load_model(str(save_tiny("gpt2", tmp_path / "m"))))
+    assert not marker.exists()
