@@ -13,7 +13,9 @@
   still measures "does the greedy continuation reproduce the rest". All prefixes of
   all sequences of a batch are continued by ONE batched ``generate`` call.
   Context before the target span (a QA question, BOS) is always part of the prefix;
-  a prefix needs at least one context token. Decoders only.
+  a prefix needs at least one context token. Decoders only. EOS is an ordinary token of the
+  continuation (never suppressed, never a reason to stop early), so a target that ends in EOS
+  scores 1 when the model would end it there.
 - **Perplexity**: exp of the token-level mean NLL over target tokens.
 
 Sequences are :mod:`lethe.lm` batches (labels = -100 outside the targets).
@@ -141,11 +143,14 @@ def greedy_continuations(model, prefixes: list[list[int]], lengths: list[int], p
     for i, p in enumerate(prefixes):  # left padding: every prefix ends where generation starts
         ids[i, width - len(p):] = torch.tensor(p)
         att[i, width - len(p):] = 1
+    # EOS is an ordinary token here: the continuation is the greedy one, as long as the suffix, whatever it
+    # holds (a TOFU answer ends in EOS). Stopping at EOS would shorten it; min_new_tokens would forbid EOS.
+    # (tests/test_forget_metrics.py checks this on a crafted model whose greedy continuation is EOS)
     was_training = model.training
     model.eval()
     try:
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max(lengths),
-                             min_new_tokens=max(lengths), do_sample=False, num_beams=1, pad_token_id=pad_id)
+                             do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=None)
     finally:
         model.train(was_training)
     gen = out[:, width:].tolist()

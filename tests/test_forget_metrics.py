@@ -153,3 +153,44 @@ def test_extraction_metric_rejects_non_decoders():
     el = ExtractionLikelihood(2)
     el.update(torch.tensor([0.5, float("nan"), 1.0]))
     assert el.compute().item() == pytest.approx(0.75)
+
+
+def _token_plus_one_model(vocab: int = 8, eos: int = 7):
+    """A GPT-2 whose greedy next token is always (token + 1) mod vocab: one-hot embeddings, no attention or
+    MLP contribution, and an LM head that shifts the one-hot by one. Its EOS (vocab - 1) follows token 6."""
+    import transformers as tf
+
+    cfg = tf.GPT2Config(vocab_size=vocab, n_embd=vocab, n_layer=1, n_head=1, n_positions=32,
+                        tie_word_embeddings=False, eos_token_id=eos, bos_token_id=eos, pad_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.wte.weight.copy_(torch.eye(vocab) * 10)
+        for ln in (model.transformer.ln_f, *[b.ln_1 for b in model.transformer.h], *[b.ln_2 for b in model.transformer.h]):
+            ln.weight.fill_(1.0)
+        model.lm_head.weight.copy_(torch.roll(torch.eye(vocab), 1, dims=0))  # logit j reads coordinate j - 1
+    return model
+
+
+def test_el_on_crafted_models_equals_hand_values_eos_included():
+    model = _token_plus_one_model()
+    # the token+1 model reproduces 1 2 3 4 5 6 <eos> from any prefix: every n-gram matches, EOS included
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    labels = torch.tensor([[IG, 2, 3, 4, 5, 6, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert extraction_likelihood(model, batch, n=2, pad_id=0).item() == pytest.approx(1.0, abs=1e-6)
+    # the EOS-target case: the only target token is EOS and the greedy continuation is EOS
+    eos_case = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                "labels": torch.tensor([[IG, IG, 7]])}
+    assert extraction_likelihood(model, eos_case, n=2, pad_id=0).item() == pytest.approx(1.0, abs=1e-6)
+    # a target the model does not follow: 1 2 4 4 <eos>; by hand with n = 2 over the prefixes whose suffix
+    # holds a 2-gram: [1] -> 2 3 4 5 vs 2 4 4 7 (0 of 3), [1 2] -> 3 4 5 vs 4 4 7 (0/2), [1 2 4] -> 5 6 vs 4 7 (0)
+    # and the continuation after EOS wraps to token 0: [1 2 4 4] -> 5 vs <eos> is a 1-token suffix (not counted)
+    off = {"input_ids": torch.tensor([[1, 2, 4, 4, 7]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+           "labels": torch.tensor([[IG, 2, 4, 4, 7]])}
+    assert extraction_likelihood(model, off, n=2, pad_id=0).item() == pytest.approx(0.0, abs=1e-6)
+    # and with n = 1 (unigrams): [1] -> 2 3 4 5 vs {2, 4, 4, 7}: 2 and 4 hit = 2/4; [1 2] -> 3 4 5 vs {4, 4, 7}: 1/3;
+    # [1 2 4] -> 5 6 vs {4, 7}: 0; [1 2 4 4] -> 5 vs {7}: 0
+    assert extraction_likelihood(model, off, n=1, pad_id=0).item() == pytest.approx((2 / 4 + 1 / 3) / 4, abs=1e-6)
