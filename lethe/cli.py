@@ -77,6 +77,15 @@ class LetheCLI(LightningCLI):
             name = Path(str(configs[-1])).stem if configs else "run"
         return run, name, Path(run.get("root") or "runs") / name
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before anything else: a damaged file must
+        # fail with its name, not with an unpickling error
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and str(ckpt) not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt)
+        super()._parse_ckpt_path()
+
     def instantiate_trainer(self, **kwargs):
         run, name, run_dir = self._run_settings()
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -95,6 +104,28 @@ class LetheCLI(LightningCLI):
                 callbacks.append(cls())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Fail before training on a checkpoint that is missing or is not a PyTorch archive, naming the file."""
+    import zipfile
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"--ckpt_path {p}: no such checkpoint file")
+    if not zipfile.is_zipfile(p):
+        raise CheckpointError(f"--ckpt_path {p}: not a PyTorch checkpoint (not a zip archive; truncated or corrupt?)")
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"--ckpt_path {p}: the checkpoint archive is damaged ({err})") from err
+    if bad is not None:
+        raise CheckpointError(f"--ckpt_path {p}: the checkpoint archive is damaged (entry {bad} fails its CRC)")
 
 
 def _rank() -> int:
@@ -186,18 +217,30 @@ def print_help() -> None:
         "lethe edits and erases knowledge in transformer language models, as Lightning jobs.",
         "",
         "commands (the training jobs and edit run through LightningCLI: --config configs/<preset>.yaml,",
-        "--print_config, --ckpt_path last):",
+        "--print_config, --ckpt_path last; --debug shows a failure's traceback):",
     ]
     lines += [f"  {n.ljust(width)}  {h}" for n, (target, h) in COMMANDS.items() if target == LIGHTNING or n in extra]
     print("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> None:
-    from_sys = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print_help()
-        return
+OUR_PACKAGES = ("lethe", "lightning_modules", "datamodules", "callbacks")
+
+
+def user_error(err: BaseException) -> str:
+    """The message a user should read for ``err``: the first error lethe raised along the chain of causes (what
+    is wrong, and where: file, record, field), not the wrapper a library put around it."""
+    seen, chain, x = set(), [], err
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    ours = [e for e in chain if type(e).__module__.split(".")[0] in OUR_PACKAGES]
+    pick = ours[0] if ours else (chain[-1] if isinstance(chain[-1], OSError) else chain[0])
+    text = " ".join(str(pick).split()) or type(pick).__name__
+    return text if ours or isinstance(pick, ValueError | OSError) else f"{type(pick).__name__}: {text}"
+
+
+def _dispatch(argv: list[str], from_sys: bool) -> None:
     command = argv[0]
     if command in TRAINER_COMMANDS:
         # From the shell, LightningCLI reads sys.argv itself (DDP re-launches the same command line).
@@ -211,6 +254,32 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lethe: unknown command {command!r}\n", file=sys.stderr)
     print_help()
     raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lethe <command> ...``. A failure ends with ONE line, ``lethe: error: ...``, and exit code 2;
+    ``--debug`` (or ``LETHE_DEBUG=1``) shows the whole traceback instead."""
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LETHE_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        if from_sys:
+            sys.argv = [sys.argv[0], *argv]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_help()
+        return
+    try:
+        _dispatch(argv, from_sys)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        sys.stdout.flush()
+        print(f"(the traceback: rerun with --debug or LETHE_DEBUG=1)\nlethe: error: {user_error(err)}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

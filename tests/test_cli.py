@@ -90,3 +90,47 @@ def test_two_process_run_resumes_same_steps_and_same_logger_run(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("version")) == []
     # the saved config names the run, so the same command line resumes it
     assert (run_dir / "config.yaml").is_file()
+
+
+def _unlearn_preset(tmp_path: Path, **init_args) -> Path:
+    model_dir = save_tiny("gpt2", tmp_path / "tiny-gpt2")
+    preset = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "enable_progress_bar": False},
+        "model": {"class_path": "lightning_modules.unlearning.UnlearningModule",
+                  "init_args": {"model": str(model_dir), **init_args}},
+        "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
+                 "init_args": {"forget_texts": ["w1 w2 w3 w4"], "batch_size": 1}},
+        "run": {"root": str(tmp_path / "runs"), "name": "bad"},
+    }
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown method", "unknown objective argument", "corrupt checkpoint",
+                                  "missing checkpoint", "unknown model"])
+def test_bad_input_ends_with_one_line_naming_what_is_wrong_and_writes_nothing(tmp_path, capsys, case):
+    from lethe.cli import main
+
+    args = {"unknown method": {"method": "bogus"}, "unknown objective argument": {"method": "npo",
+                                                                                 "method_args": {"betta": 1}},
+            }.get(case, {})
+    preset = _unlearn_preset(tmp_path, **args)
+    extra, want = [], {"unknown method": "method='bogus' is not an unlearning method",
+                       "unknown objective argument": "method_args: npo has no argument(s) ['betta']",
+                       "corrupt checkpoint": "junk.ckpt: not a PyTorch checkpoint",
+                       "missing checkpoint": "gone.ckpt: no such checkpoint file",
+                       "unknown model": "could not load 'no-such-org/no-such-model'"}[case]
+    if case == "corrupt checkpoint":
+        (tmp_path / "junk.ckpt").write_bytes(b"\x80\x04not a zip")
+        extra = ["--ckpt_path", str(tmp_path / "junk.ckpt")]
+    elif case == "missing checkpoint":
+        extra = ["--ckpt_path", str(tmp_path / "gone.ckpt")]
+    elif case == "unknown model":
+        extra = ["--model.init_args.model", "no-such-org/no-such-model"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(preset), *extra])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lethe: error: ") and want in last, last
+    assert not (tmp_path / "runs").exists()  # nothing written: no run folder, no config.yaml
