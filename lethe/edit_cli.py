@@ -38,12 +38,55 @@ def build_editor(editor: str, editor_args: dict | None = None):
     return EDITORS.get(editor)(**(editor_args or {}))
 
 
+HELP = """usage: lethe edit --config configs/edit/<method>_<family>.yaml [--<section>.<key> VALUE ...] [--debug]
+
+Edit a model from a preset: every request of the data source is given to the editor, each edit is scored
+(CounterFact and token-accuracy protocols) and saved as an artifact (the weight deltas and the requests).
+
+editors (model.init_args.editor; editor_args are the editor's arguments):
+{editors}
+  or an import path module:Class of your own editor (edit(loaded, requests) -> EditArtifact)
+
+sources (data.init_args.source; kind: counterfact or zsre; limit / offset / seed / batch_size):
+  world[:train|unseen]   lethe's synthetic world (for the lethe:world-* models)
+  real_facts             the bundled real facts SmolLM2 knows
+  <file>                 a CounterFact / zsRE file (JSON, JSONL or CSV); errors name file, record and field
+
+outputs, in <run.root>/<run.name>/ (default runs/<preset name>/):
+  edit_artifact/         sequential runs: the running sum of all edits so far, saved after every batch
+  edit_artifacts/NNNNN/  independent runs (sequential: false): one artifact per batch, each reverted after scoring
+  edit_results.json      per-edit scores; metrics.csv (and wandb with --run.logger csv+wandb)
+  edited_model/          the edited model (save_model: true)
+
+resume: running the same command again continues a sequential run after its last saved batch
+(model.init_args.resume: false starts over). Every option of a preset, with its value:
+  lethe edit --config <preset> --print_config
+"""
+
+
+EDITOR_HELP = {
+    "rome": "ROME: one fact at a time, a rank-one update of one MLP (editor_args: hparams, overrides)",
+    "memit": "MEMIT: a batch of facts in one call, spread over several MLPs (editor_args: hparams, overrides)",
+    "mend": "MEND: a trained hypernetwork (editor_args.checkpoint from lethe fit configs/edit/mend_*.yaml)",
+    "ke": "KnowledgeEditor: a trained hypernetwork (editor_args.checkpoint from configs/edit/ke_*.yaml)",
+    "kn": "Knowledge Neurons: attribute the fact, then rewrite its neurons' value slots",
+}
+
+
+def _help_text() -> str:
+    lines = [f"  {name:<22} {EDITOR_HELP.get(name, 'a registered editor')}" for name in EDITORS.names()]
+    return HELP.format(editors="\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
     from lethe.cli import run_trainer_cli
 
     argv = list(sys.argv[2:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(_help_text())
+        return
     if not any(a == "--trainer.inference_mode" or a.startswith("--trainer.inference_mode=") for a in argv):
         # the editors optimise vectors (ROME's v*): gradients must be available inside test_step
         argv += ["--trainer.inference_mode=false"]

@@ -134,3 +134,13 @@ def test_bad_input_ends_with_one_line_naming_what_is_wrong_and_writes_nothing(tm
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lethe: error: ") and want in last, last
     assert not (tmp_path / "runs").exists()  # nothing written: no run folder, no config.yaml
+
+
+def test_edit_help_documents_editors_sources_outputs_and_resume():
+    res = subprocess.run([*LETHE, "edit", "--help"], capture_output=True, text=True, env=_env(), check=True)
+    from lethe.edit_cli import EDITORS
+
+    for word in (*EDITORS.names(), "world[:train|unseen]", "real_facts", "edit_artifact/", "resume",
+                 "--print_config"):
+        assert word in res.stdout, word
+    assert "Perform one evaluation epoch" not in res.stdout  # not Lightning's generic test help
