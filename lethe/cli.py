@@ -27,7 +27,7 @@ from lethe.registry import import_object
 
 # Callbacks every training job gets unless its preset already has one of the class, by class path as in a
 # preset (lethe/ imports nothing from callbacks/).
-DEFAULT_CALLBACKS = ("callbacks.process_group.CleanDistributedExit",)
+DEFAULT_CALLBACKS = ("callbacks.process_group.CleanDistributedExit", "callbacks.progress.LineProgress")
 
 # The one command table: name -> (what runs it, one line of help). LightningCLI runs the training jobs
 # (``--config``, ``--print_config``, ``--ckpt_path last``); every other job is a ``module:main(argv)`` whose

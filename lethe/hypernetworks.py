@@ -282,7 +282,7 @@ def load_editor_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"editor checkpoint {path} does not exist (train one with `lethe fit`)")
     try:  # tensors and plain containers only: a checkpoint from elsewhere must not be able to run code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, zip errors ...
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, zip errors ...
         raise EditorCheckpointError(f"{path}: not a loadable lethe editor checkpoint (read with weights_only=True, "
                                     f"so objects other than tensors and plain containers are refused): {err}") from err
     if EDITOR_META_KEY not in ckpt:

@@ -55,6 +55,7 @@ from lethe.locate_edit import (
     optimise_values,
     request_rows,
 )
+from lethe.progress import Progress
 from lethe.records import EditRequest
 
 
@@ -154,8 +155,6 @@ class MEMITEditor(LocateEditor):
         return memit_update(keys, resid, self.covariance(loaded, layer), self.hp.mom2_update_weight)
 
     def edit(self, loaded, requests: Sequence[EditRequest]) -> EditArtifact:
-        from tqdm.auto import tqdm
-
         model, tok, adapter, family, hp = loaded.model, loaded.tokenizer, loaded.adapter, loaded.family, self.hp
         requests = list(requests)
         layers = self.validate(loaded, requests)
@@ -169,17 +168,19 @@ class MEMITEditor(LocateEditor):
         t0 = time.perf_counter()
 
         zs, losses, steps = [], [], []
-        chunks = range(0, len(requests), max(1, hp.z_batch_size))
-        for s in tqdm(chunks, desc="MEMIT z", disable=not self.progress, leave=False):
+        bar = Progress(len(requests), "MEMIT targets z (requests)", enabled=self.progress)
+        for s in range(0, len(requests), max(1, hp.z_batch_size)):
             out = optimise_values(model, tok, family, requests[s:s + hp.z_batch_size], z_module, hp, prefixes)
             zs.append(out["z"])
             losses += out["loss"]
             steps += out["steps"]
+            bar.update(len(out["steps"]))
+        bar.close()
         z = torch.cat(zs)
         t_z = time.perf_counter() - t0
 
         layer_stats = []
-        for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not self.progress, leave=False)):
+        for i, layer in enumerate(layers):
             keys, cur = keys_and_outputs(model, tok, adapter, family, requests, layer, last, hp.stack, prefixes,
                                          hp.key_batch_size, hp.position)
             resid = (z - cur) / (len(layers) - i)

@@ -42,6 +42,7 @@ from lethe.locate_edit import (
     encode_at_subject,
     optimise_values,
 )
+from lethe.progress import Progress
 from lethe.records import EditRequest
 
 __all__ = ["ROMEEditor", "ROMEHyperParams", "SubjectNotFoundError", "compute_keys", "hparams_from", "rome_update"]
@@ -115,6 +116,7 @@ class ROMEEditor(LocateEditor):
         prefixes = self.prefixes(loaded)
         before = EditArtifact.snapshot(model, [pname])
         self.last_stats, self.last_vectors = [], []
+        bar = Progress(len(requests), "ROME edits", enabled=self.progress and len(requests) > 1)
         for req in requests:
             t0 = time.perf_counter()
             k_star = compute_keys(model, tok, adapter, family, [req], layer, hp.stack, prefixes, hp.position)[0]
@@ -128,5 +130,7 @@ class ROMEEditor(LocateEditor):
             self.last_stats.append({"case_id": req.case_id, "v_loss": [h[0] for h in out["history"]],
                                     "v_steps": out["steps"][0], "delta_norm": float(delta.norm()),
                                     "update_norm": float(dw.norm()), "seconds": time.perf_counter() - t0})
+            bar.update()
+        bar.close()
         meta = {"hparams": dataclasses.asdict(hp), "layer": layer, "module": mod_name, "stats": self.last_stats}
         return EditArtifact.from_weights("rome", loaded.source, before, model, requests, meta)

@@ -144,3 +144,17 @@ def test_edit_help_documents_editors_sources_outputs_and_resume():
                  "--print_config"):
         assert word in res.stdout, word
     assert "Perform one evaluation epoch" not in res.stdout  # not Lightning's generic test help
+
+
+def test_progress_lines_when_output_is_not_a_terminal():
+    import io
+
+    from lethe.progress import Progress
+
+    out = io.StringIO()  # not a terminal
+    bar = Progress(20, "ROME edits", every=5, seconds=1e9, stream=out)
+    for _ in range(20):
+        bar.update()
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
+    assert all("/s" in line and "left" in line for line in lines)
