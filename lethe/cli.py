@@ -65,8 +65,9 @@ class LetheCLI(LightningCLI):
         parser.add_argument("--run.logger", type=str, default="csv",
                             help="csv, wandb, csv+wandb or none (wandb honours WANDB_MODE=offline)")
         parser.add_argument("--run.project", type=str, default="lethe", help="wandb project")
-        parser.add_argument("--run.save_every_n_steps", type=int | None, default=None,
-                            help="also checkpoint every N training steps (last.ckpt is always kept)")
+        parser.add_argument("--run.save_every_n_steps", type=int | None, default=50,
+                            help="update checkpoints/last.ckpt every N training steps, so a killed run resumes "
+                                 "from there (null: only at the end)")
 
     def _run_settings(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
