@@ -191,3 +191,30 @@ def test_memit_writes_a_batch_of_world_facts(world_decoder, tmp_path):
     assert post["neighborhood"] >= 0.75, post["neighborhood"]  # other subjects keep their objects
     assert counterfact_scores(m, tok, "decoder", reqs)["efficacy"] == 0.0  # reverted exactly
     assert isinstance(art, EditArtifact) and len(art.requests) == len(reqs)
+
+
+def test_the_update_step_is_the_one_place_a_successor_overrides(tmp_path):
+    """An AlphaEdit-style subclass: only update_step changes (ΔW projected onto the null space of preserved
+    keys K0), and every layer's written delta then leaves those keys' outputs exactly unchanged."""
+    lm_ = loaded("gpt2")
+    width = lm_.adapter.weight_out_in(lm_.adapter.module(lm_.model, lm_.adapter.mlp_out_name(0))).shape[1]
+    k0 = torch.randn(width, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    projector = torch.eye(width, dtype=torch.float64) - k0 @ torch.linalg.pinv(k0)  # P k0 = 0
+
+    class NullSpaceMEMIT(MEMITEditor):
+        calls = 0
+
+        def update_step(self, loaded_, layer, keys, resid):
+            NullSpaceMEMIT.calls += 1
+            return super().update_step(loaded_, layer, keys, resid) @ projector
+
+    params = {"layers": [0, 1], "mom2_corpus": TEXTS, "mom2_n_samples": 96, "context_templates": [],
+              "v_steps": 5, "mom2_update_weight": 3.0, "position": "prompt_last"}
+    ad = lm_.adapter
+    mods = [ad.module(lm_.model, ad.mlp_out_name(i)) for i in (0, 1)]
+    before = [ad.weight_out_in(m).detach().double().clone() for m in mods]
+    NullSpaceMEMIT(params, cache_dir=str(tmp_path / "cov"), progress=False).edit(lm_, [request(0), request(1)])
+    assert NullSpaceMEMIT.calls == 2
+    for m, w0 in zip(mods, before):
+        d = ad.weight_out_in(m).detach().double() - w0  # (out, in) whatever the storage layout
+        assert float(d.norm()) > 0 and float((d @ k0).abs().max()) < 1e-5 * float(d.abs().max())
