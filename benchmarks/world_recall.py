@@ -33,7 +33,9 @@ def world_recall(family: str) -> dict:
     train = [(p, f.object) for f in world.train_facts for p in world.training_prompts(f)]
     para = [(p, f.object) for f in world.train_facts for p in world.paraphrase_prompts(f)]
     unseen = [(p, f.object) for f in world.unseen_facts for p in world.training_prompts(f)]
-    out = {"build_seconds": build_info(path)["build_seconds"], "model": str(path)}
+    # the model's name and its cache folder relative to the cache root: never a path of this machine
+    out = {"build_seconds": build_info(path)["build_seconds"], "model": f"lethe:world-{family}",
+           "cache_folder": str(path.relative_to(path.parents[2]))}
     t = time.time()
     for name, pairs in (("train_recall", train), ("paraphrase_recall", para), ("unseen_recall", unseen)):
         hits = lm.greedy_match(loaded.model, loaded.tokenizer, family, *zip(*pairs))
