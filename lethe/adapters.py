@@ -75,13 +75,16 @@ class ArchAdapter:
         return len(unwrap(model).get_submodule(self.stack(stack).blocks))
 
     def check_layer(self, model: nn.Module, layer: int, stack: str | None = None) -> int:
+        """The layer as an index 0..n-1; negative indices count from the last block (-1 is the last), as in
+        Python and in MEND's published layer choice ("the last three blocks": [-3, -2, -1])."""
         n = self.num_layers(model, stack)
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise LayerIndexError(f"layer index must be an int, got {layer!r}")
         if not -n <= layer < n:
             raise LayerIndexError(
                 f"layer {layer} is out of range: this {self.model_type} model's "
-                f"{stack or self.default_stack} stack has {n} blocks (valid: 0..{n - 1})"
+                f"{stack or self.default_stack} stack has {n} blocks (valid: 0..{n - 1}, or -{n}..-1 counting "
+                "from the last block, as in Python)"
             )
         return layer % n
 
