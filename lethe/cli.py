@@ -14,6 +14,7 @@ further entries of the same ``COMMANDS`` table; each points at a ``main(argv)``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import uuid
@@ -55,6 +56,9 @@ def _available_commands() -> dict[str, tuple[str, str]]:
     return out
 
 
+FINISHED = "finished.json"  # in a run folder: the fit ended normally; resuming it is a no-op unless run.continue
+
+
 class LetheCLI(LightningCLI):
     """LightningCLI plus lethe's run folder, loggers and checkpointing."""
 
@@ -68,9 +72,14 @@ class LetheCLI(LightningCLI):
         parser.add_argument("--run.save_every_n_steps", type=int | None, default=50,
                             help="update checkpoints/last.ckpt every N training steps, so a killed run resumes "
                                  "from there (null: only at the end)")
+        parser.add_argument("--run.continue", type=bool, default=False,
+                            help="resume a run that already finished (its stop rule fired or it reached max_steps) "
+                                 "and train on, e.g. with a larger --trainer.max_steps; without it such a resume "
+                                 "changes nothing")
 
-    def _run_settings(self):
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+    def _run_settings(self, subcommand: str | None = None):
+        subcommand = subcommand or getattr(self, "subcommand", None)
+        cfg = self.config[subcommand] if subcommand else self.config
         run = cfg.get("run")
         name = run.get("name")
         if not name:
@@ -85,7 +94,31 @@ class LetheCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and str(ckpt) not in ("last", "best", "hpc", "registry"):
             check_checkpoint_file(ckpt)
+        if sub == "fit" and ckpt:
+            run, name, run_dir = self._run_settings(sub)
+            done = run_dir / FINISHED
+            if done.is_file() and not run.get("continue"):
+                info = json.loads(done.read_text())
+                print(f"lethe: run {name} already finished at step {info.get('global_step')} ({info.get('reason')}); "
+                      "nothing was changed. To train on, add --run.continue true (and a larger --trainer.max_steps).")
+                raise SystemExit(0)
         super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        # a fit that really starts (fresh, resumed or continued) is not finished until it ends
+        (Path(self.trainer.default_root_dir) / FINISHED).unlink(missing_ok=True)
+
+    def after_fit(self) -> None:
+        """Mark the run finished (stop rule or step budget reached), so resuming it later changes nothing."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        from lethe.io import write_json
+
+        stopped = trainer.should_stop and (trainer.max_steps < 0 or trainer.global_step < trainer.max_steps)
+        write_json(Path(trainer.default_root_dir) / FINISHED,
+                   {"global_step": trainer.global_step,
+                    "reason": "stopped by a callback's rule" if stopped else "step or epoch budget reached"})
 
     def instantiate_trainer(self, **kwargs):
         run, name, run_dir = self._run_settings()

@@ -158,3 +158,35 @@ def test_progress_lines_when_output_is_not_a_terminal():
     lines = out.getvalue().splitlines()
     assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
     assert all("/s" in line and "left" in line for line in lines)
+
+
+def test_resuming_a_finished_run_changes_no_file_unless_asked_to_continue(tmp_path):
+    from lethe.cli import main
+
+    model_dir = save_tiny("gpt2", tmp_path / "tiny-gpt2")
+    preset = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False,
+                    "log_every_n_steps": 1},
+        "model": {"class_path": "lightning_modules.lm.LanguageModelModule", "init_args": {"model": str(model_dir)}},
+        "data": {"class_path": "datamodules.lm.LMDataModule",
+                 "init_args": {"texts": ["w1 w2 w3 w4", "w5 w6 w7 w8"] * 4, "batch_size": 2}},
+        "run": {"root": str(tmp_path / "runs"), "name": "done"},
+    }
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    main(["fit", "--config", str(path)])
+    run = tmp_path / "runs" / "done"
+    assert (run / "finished.json").is_file()
+
+    def snapshot():
+        return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path), "--ckpt_path", "last"])
+    assert exit_.value.code == 0
+    assert snapshot() == before  # nothing rewritten
+    main(["fit", "--config", str(path), "--ckpt_path", "last", "--run.continue", "true", "--trainer.max_steps", "4"])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4
