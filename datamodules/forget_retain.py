@@ -88,7 +88,9 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        return {"batches_served": self._served}
+        # a checkpoint taken on an epoch's last batch resumes at the NEXT epoch's first batch: skipping a full
+        # epoch's worth there would run one epoch too far
+        return {"batches_served": self._served if self._served < len(self) else 0}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = int(state.get("batches_served", 0))

@@ -28,7 +28,8 @@ from lethe.registry import import_object
 
 # Callbacks every training job gets unless its preset already has one of the class, by class path as in a
 # preset (lethe/ imports nothing from callbacks/).
-DEFAULT_CALLBACKS = ("callbacks.process_group.CleanDistributedExit", "callbacks.progress.LineProgress")
+DEFAULT_CALLBACKS = ("callbacks.process_group.CleanDistributedExit", "callbacks.progress.LineProgress",
+                     "callbacks.interrupt.SaveOnInterrupt")
 
 # The one command table: name -> (what runs it, one line of help). LightningCLI runs the training jobs
 # (``--config``, ``--print_config``, ``--ckpt_path last``); every other job is a ``module:main(argv)`` whose
@@ -303,8 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_help()
         return
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         _dispatch(argv, from_sys)
+    except SIGTERMException:
+        # Lightning leaves the fit with this SystemExit (code 0); a stopped job must not look finished
+        raise SystemExit(143) from None
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:

@@ -109,3 +109,28 @@ def save_tiny(model_type: str, dest, seed: int = 0):
     if getattr(cfg, "is_encoder_decoder", False):
         cfg.decoder_start_token_id = tok.pad_token_id
     return save_pretrained(model, tok, dest)
+
+
+def _signal_at_step_callback():
+    import lightning as L
+
+    class SignalAtStep(L.Callback):
+        """Send ``signum`` to this process once ``global_step`` reaches ``step`` (tests of interrupted runs)."""
+
+        def __init__(self, step: int, signum: int = 15) -> None:
+            self.step, self.signum, self.sent = step, signum, False
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            import os
+
+            if not self.sent and trainer.global_step >= self.step:
+                self.sent = True
+                os.kill(os.getpid(), self.signum)
+
+    return SignalAtStep
+
+
+def __getattr__(name: str):
+    if name == "SignalAtStep":  # built on first use so importing lethe.testing does not import lightning
+        return _signal_at_step_callback()
+    raise AttributeError(name)

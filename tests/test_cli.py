@@ -190,3 +190,51 @@ def test_resuming_a_finished_run_changes_no_file_unless_asked_to_continue(tmp_pa
     main(["fit", "--config", str(path), "--ckpt_path", "last", "--run.continue", "true", "--trainer.max_steps", "4"])
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 4
+
+
+def _ga_preset(tmp_path: Path, name: str, signal_at: int | None) -> Path:
+    model_dir = tmp_path / "tiny-gpt2"
+    if not model_dir.exists():
+        save_tiny("gpt2", model_dir)
+    texts = [" ".join(f"w{(i * 7 + j) % 80}" for j in range(6)) for i in range(8)]
+    callbacks = [] if signal_at is None else [{"class_path": "lethe.testing.SignalAtStep",
+                                               "init_args": {"step": signal_at}}]
+    preset = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks},
+        "model": {"class_path": "lightning_modules.unlearning.UnlearningModule",
+                  "init_args": {"model": str(model_dir), "method": "graddiff", "lr": 1e-3}},
+        "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
+                 "init_args": {"forget_texts": texts[:4], "retain_texts": texts[4:], "batch_size": 1}},
+        "run": {"root": str(tmp_path / "runs"), "name": name, "save_every_n_steps": 100},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [2, 4], ids=["mid-epoch", "epoch-boundary"])
+def test_sigterm_saves_the_step_exits_nonzero_and_resumes_to_the_same_weights(tmp_path, at):
+    """4 forget batches per epoch: SIGTERM after step 2 (mid-epoch) or 4 (the epoch's last batch)."""
+    def run(preset: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*LETHE, "fit", "--config", str(preset), *extra], capture_output=True, text=True,
+                              env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=600)
+
+    full = run(_ga_preset(tmp_path, "full", None))
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = _ga_preset(tmp_path, "stopped", at)
+    res = run(stopped)
+    assert res.returncode == 143, (res.returncode, res.stderr[-3000:])
+    ckpt = tmp_path / "runs" / "stopped" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == at
+    resumed = run(_ga_preset(tmp_path, "stopped", None), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want = torch.load(tmp_path / "runs" / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    got = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 6
+    assert max(float((want[k].float() - got[k].float()).abs().max()) for k in want) == 0.0
+    with open(tmp_path / "runs" / "stopped" / "metrics.csv") as fh:
+        steps = [row["step"] for row in csv.DictReader(fh) if row.get("train/loss")]
+    assert len(steps) == len(set(steps)) == 6, steps  # each step logged once
