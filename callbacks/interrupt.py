@@ -31,6 +31,9 @@ def _zero_current(progress: dict) -> None:
 
 class SaveOnInterrupt(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.is_global_zero:  # the metrics up to this checkpoint reach the disk with it (a kill -9 loses none)
+            for logger in trainer.loggers:
+                logger.save()
         fit = checkpoint.get("loops", {}).get("fit_loop")
         if not fit or "epoch_progress" not in fit:
             return

@@ -194,10 +194,32 @@ def _csv_logger_class():
     class AppendingWriter(ExperimentWriter):
         """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
 
+        _trimmed = False
+
         def _check_log_dir_exists(self) -> None:
             if os.path.isfile(self.metrics_file_path):
                 with open(self.metrics_file_path, newline="") as fh:
                     self.metrics_keys = list(next(csv.reader(fh), []))
+
+        def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+            # The first row of a resumed run: rows the interrupted run logged at or after this step (after its last
+            # checkpoint) are replaced by the ones this run logs, so every step stays in metrics.csv once.
+            if not self._trimmed and step is not None and os.path.isfile(self.metrics_file_path):
+                from lethe.records import atomic_write
+
+                with open(self.metrics_file_path, newline="") as fh:
+                    rows = list(csv.DictReader(fh))
+                keep = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+                if len(keep) < len(rows):
+                    import io
+
+                    buf = io.StringIO()
+                    writer = csv.DictWriter(buf, fieldnames=self.metrics_keys, lineterminator="\n")
+                    writer.writeheader()
+                    writer.writerows(keep)
+                    atomic_write(self.metrics_file_path, buf.getvalue())
+            self._trimmed = True
+            super().log_metrics(metrics_dict, step)
 
     class RunCSVLogger(CSVLogger):
         @property

@@ -192,13 +192,13 @@ def test_resuming_a_finished_run_changes_no_file_unless_asked_to_continue(tmp_pa
     assert ckpt["global_step"] == 4
 
 
-def _ga_preset(tmp_path: Path, name: str, signal_at: int | None) -> Path:
+def _ga_preset(tmp_path: Path, name: str, signal_at: int | None, signum: int = 15, save_every: int = 100) -> Path:
     model_dir = tmp_path / "tiny-gpt2"
     if not model_dir.exists():
         save_tiny("gpt2", model_dir)
     texts = [" ".join(f"w{(i * 7 + j) % 80}" for j in range(6)) for i in range(8)]
     callbacks = [] if signal_at is None else [{"class_path": "lethe.testing.SignalAtStep",
-                                               "init_args": {"step": signal_at}}]
+                                               "init_args": {"step": signal_at, "signum": signum}}]
     preset = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "log_every_n_steps": 1,
@@ -207,7 +207,7 @@ def _ga_preset(tmp_path: Path, name: str, signal_at: int | None) -> Path:
                   "init_args": {"model": str(model_dir), "method": "graddiff", "lr": 1e-3}},
         "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
                  "init_args": {"forget_texts": texts[:4], "retain_texts": texts[4:], "batch_size": 1}},
-        "run": {"root": str(tmp_path / "runs"), "name": name, "save_every_n_steps": 100},
+        "run": {"root": str(tmp_path / "runs"), "name": name, "save_every_n_steps": save_every},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(preset))
@@ -215,21 +215,23 @@ def _ga_preset(tmp_path: Path, name: str, signal_at: int | None) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("at", [2, 4], ids=["mid-epoch", "epoch-boundary"])
-def test_sigterm_saves_the_step_exits_nonzero_and_resumes_to_the_same_weights(tmp_path, at):
-    """4 forget batches per epoch: SIGTERM after step 2 (mid-epoch) or 4 (the epoch's last batch)."""
+@pytest.mark.parametrize(("signum", "at", "saved"), [(15, 2, 2), (15, 4, 4), (9, 3, 2), (9, 5, 4)],
+                         ids=["sigterm-mid-epoch", "sigterm-epoch-boundary", "kill9-mid-epoch", "kill9-epoch-boundary"])
+def test_interrupted_run_resumes_to_the_same_weights_and_rows(tmp_path, signum, at, saved):
+    """4 forget batches per epoch. SIGTERM after step 2 (mid-epoch) or 4 (the epoch's last batch) saves that
+    step and exits 143; kill -9 after step 3 or 5 leaves the checkpoint of step 2 or 4 (saved every 2 steps)."""
     def run(preset: Path, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([*LETHE, "fit", "--config", str(preset), *extra], capture_output=True, text=True,
                               env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=600)
 
     full = run(_ga_preset(tmp_path, "full", None))
     assert full.returncode == 0, full.stderr[-3000:]
-    stopped = _ga_preset(tmp_path, "stopped", at)
+    stopped = _ga_preset(tmp_path, "stopped", at, signum, save_every=2)
     res = run(stopped)
-    assert res.returncode == 143, (res.returncode, res.stderr[-3000:])
+    assert res.returncode == (143 if signum == 15 else -9), (res.returncode, res.stderr[-3000:])
     ckpt = tmp_path / "runs" / "stopped" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == at
-    resumed = run(_ga_preset(tmp_path, "stopped", None), "--ckpt_path", "last")
+    assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == saved
+    resumed = run(_ga_preset(tmp_path, "stopped", None, save_every=2), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want = torch.load(tmp_path / "runs" / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     got = torch.load(ckpt, weights_only=True)["state_dict"]
