@@ -38,7 +38,10 @@ class SaveOnInterrupt(L.Callback):
         if not fit or "epoch_progress" not in fit:
             return
         epochs = fit["epoch_progress"]["current"]
-        if epochs["completed"] == epochs["ready"]:  # no epoch in progress: the next one starts from batch 0
+        batches = fit.get("epoch_loop.batch_progress", {}).get("current", {}).get("completed", 0)
+        # the epoch ran all its batches and was closed: the next one starts from batch 0 (a run that stopped at
+        # max_steps part-way through an epoch keeps its counters: it resumes inside that epoch)
+        if epochs["completed"] == epochs["ready"] and batches >= trainer.num_training_batches:
             for key, value in fit.items():
                 if key.startswith("epoch_loop.") and key.endswith("progress") and isinstance(value, dict):
                     _zero_current(value)

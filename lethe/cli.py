@@ -74,8 +74,8 @@ class LetheCLI(LightningCLI):
                             help="update checkpoints/last.ckpt every N training steps, so a killed run resumes "
                                  "from there (null: only at the end)")
         parser.add_argument("--run.continue", type=bool, default=False,
-                            help="resume a run that already finished (its stop rule fired or it reached max_steps) "
-                                 "and train on, e.g. with a larger --trainer.max_steps; without it such a resume "
+                            help="resume a run whose stop rule ended it and train on; without it (or, for a run "
+                                 "that used up its steps, a larger --trainer.max_steps) resuming a finished run "
                                  "changes nothing")
 
     def _run_settings(self, subcommand: str | None = None):
@@ -100,9 +100,14 @@ class LetheCLI(LightningCLI):
             done = run_dir / FINISHED
             if done.is_file() and not run.get("continue"):
                 info = json.loads(done.read_text())
-                print(f"lethe: run {name} already finished at step {info.get('global_step')} ({info.get('reason')}); "
-                      "nothing was changed. To train on, add --run.continue true (and a larger --trainer.max_steps).")
-                raise SystemExit(0)
+                max_steps = (self.config[sub].get("trainer") or {}).get("max_steps")
+                new_budget = (not info.get("stopped_by_rule") and isinstance(max_steps, int)
+                              and max_steps > int(info.get("global_step", 0)))
+                if not new_budget:  # a larger step budget for a run that used up its own is asking to continue
+                    print(f"lethe: run {name} already finished at step {info.get('global_step')} "
+                          f"({info.get('reason')}); nothing was changed. To train on, give a larger "
+                          "--trainer.max_steps, or --run.continue true for a run its stop rule ended.")
+                    raise SystemExit(0)
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
@@ -118,7 +123,7 @@ class LetheCLI(LightningCLI):
 
         stopped = trainer.should_stop and (trainer.max_steps < 0 or trainer.global_step < trainer.max_steps)
         write_json(Path(trainer.default_root_dir) / FINISHED,
-                   {"global_step": trainer.global_step,
+                   {"global_step": trainer.global_step, "stopped_by_rule": bool(stopped),
                     "reason": "stopped by a callback's rule" if stopped else "step or epoch budget reached"})
 
     def instantiate_trainer(self, **kwargs):
