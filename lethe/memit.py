@@ -143,8 +143,6 @@ class MEMITEditor(LocateEditor):
 
     def validate(self, loaded, requests: Sequence[EditRequest]) -> list[int]:
         """Everything that can be wrong with the input, checked before any weight changes."""
-        if not requests:
-            raise ValueError("memit got an empty list of edit requests: nothing to edit")
         layers = check_layers(loaded.model, loaded.adapter, self.hp.layers, self.hp.stack)
         self.check_requests(loaded, requests)
         return layers
