@@ -3,7 +3,8 @@
 Before each batch of requests is edited it records the pre-edit scores and the pre-edit
 top-1 predictions on the locality prompts; after the edit it scores the same requests
 (both protocols, each number named by its protocol), logs them to the trainer's loggers,
-and keeps the per-case results. At the end it logs the means, and, for a sequential run,
+and keeps the per-case results (rewritten to ``edit_results.json`` after every batch, marked
+``"partial": true``, so a resumed run keeps the scores of the batches edited before). At the end it logs the means, and, for a sequential run,
 scores every request again on the final model (what survives later edits), writes
 ``edit_results.json`` into the run folder (atomically) and a PNG of the running efficacy.
 """
@@ -99,6 +100,15 @@ class EditEvaluation(L.Callback):
         self._pre = {}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=len(self.rows))
+        if trainer.is_global_zero:  # the scores so far, before the module saves the batch's artifact
+            self._write(Path(trainer.default_root_dir), {}, partial=True)
+
+    def _write(self, out_dir: Path, summary: dict, partial: bool = False) -> None:
+        from lethe.edits import request_to_dict
+
+        write_json(out_dir / "edit_results.json", {"summary": summary, **({"partial": True} if partial else {}),
+                                                   "cases": self.rows,
+                                                   "requests": [request_to_dict(r) for r in self.requests]})
 
     def on_test_end(self, trainer, pl_module) -> None:
         if not self.rows:
@@ -115,10 +125,7 @@ class EditEvaluation(L.Callback):
             logger.save()
         out_dir = Path(trainer.default_root_dir)
         if trainer.is_global_zero:
-            from lethe.edits import request_to_dict
-
-            write_json(out_dir / "edit_results.json", {"summary": self.results, "cases": self.rows,
-                                                       "requests": [request_to_dict(r) for r in self.requests]})
+            self._write(out_dir, self.results)
             if self.plot:
                 self._plot(out_dir / "edit_efficacy.png", trainer)
 

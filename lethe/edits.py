@@ -31,6 +31,7 @@ from lethe.io import atomic_path
 from lethe.records import EditRequest
 
 DELTAS_FILE = "deltas.safetensors"
+WEIGHTS_FILE = "weights.safetensors"  # optional: the edited parameters' values after the edit (exact resume)
 META_FILE = "artifact.json"
 FORMAT_VERSION = 1
 
@@ -168,13 +169,22 @@ class EditArtifact:
         return {n: float(d.norm()) for n, d in self.deltas.items()}
 
     # ----- disk -------------------------------------------------------------
-    def save(self, dest: str | Path) -> Path:
-        """Write ``deltas.safetensors`` + ``artifact.json`` into ``dest``, atomically (all or nothing)."""
+    def save(self, dest: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``deltas.safetensors`` + ``artifact.json`` into ``dest``, atomically (all or nothing).
+
+        ``weights``: the edited parameters' values after the edit, saved beside the deltas
+        (``weights.safetensors``) so a sequential run resumes bit-for-bit (base + summed deltas is
+        only equal to the edited weights up to rounding)."""
         from safetensors.torch import save_file
 
         with atomic_path(dest, is_dir=True) as tmp:
             save_file({n: d.detach().float().contiguous().cpu() for n, d in self.deltas.items()},
                       str(tmp / DELTAS_FILE))
+            if weights is not None:
+                missing = sorted(set(self.deltas) - set(weights))
+                if missing:
+                    raise EditArtifactError(f"weights to save lack the edited parameters {missing}")
+                save_file({n: weights[n].detach().contiguous().cpu() for n in self.deltas}, str(tmp / WEIGHTS_FILE))
             meta = {
                 "format_version": FORMAT_VERSION,
                 "method": self.method,
@@ -206,6 +216,19 @@ class EditArtifact:
         return cls(meta["method"], meta["model_source"], deltas,
                    [request_from_dict(r) for r in meta.get("requests", [])], meta.get("meta", {}),
                    meta.get("base_fingerprints", {}))
+
+
+def load_weights(src: str | Path) -> dict[str, torch.Tensor] | None:
+    """The edited parameters' values an artifact folder was saved with (``save(weights=...)``), or None."""
+    from safetensors.torch import load_file
+
+    path = Path(src) / WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as err:  # a truncated or foreign file
+        raise EditArtifactError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 class Editor(Protocol):

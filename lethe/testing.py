@@ -115,7 +115,8 @@ def _signal_at_step_callback():
     import lightning as L
 
     class SignalAtStep(L.Callback):
-        """Send ``signum`` to this process once ``global_step`` reaches ``step`` (tests of interrupted runs)."""
+        """Send ``signum`` to this process once ``global_step`` reaches ``step`` (tests of interrupted runs); in a
+        ``test`` run (``lethe edit``), once ``step`` batches were edited and scored (before the artifact save)."""
 
         def __init__(self, step: int, signum: int = 15) -> None:
             self.step, self.signum, self.sent = step, signum, False
@@ -124,6 +125,13 @@ def _signal_at_step_callback():
             import os
 
             if not self.sent and trainer.global_step >= self.step:
+                self.sent = True
+                os.kill(os.getpid(), self.signum)
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            import os
+
+            if not self.sent and batch_idx + 1 >= self.step:
                 self.sent = True
                 os.kill(os.getpid(), self.signum)
 

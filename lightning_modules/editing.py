@@ -2,9 +2,11 @@
 callbacks (the edit-evaluation callback) serve every editing method.
 
 Each test batch is one call of the editor. ``sequential=True`` keeps every edit (the model
-accumulates them; the running sum is saved as an artifact after every ``save_every``
-batches, so an interrupted run resumes from it with ``resume=True``); ``sequential=False``
-reverts each edit after it has been evaluated, so every batch meets the original model.
+accumulates them; after every ``save_every`` batches, once the batch is scored, the running sum
+and the edited parameters' values are saved as an artifact, so a crash loses at most those batches
+and the same command resumes after the last saved one, to the weights an uninterrupted run
+reaches); ``sequential=False`` reverts each edit after it has been evaluated, so every batch meets
+the original model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lethe.edit_cli import build_editor
-from lethe.edits import EditArtifact
+from lethe.edits import EditArtifact, fingerprint, load_weights
 from lethe.io import write_json
 from lethe.models import LoadedModel
 from lightning_modules.base import ModelModule
@@ -40,6 +42,7 @@ class EditingModule(ModelModule):
         self.total: EditArtifact | None = None
         self._done_batches = 0
         self._pending_revert: EditArtifact | None = None
+        self._saved_through = 0  # batches included in the artifact on disk
         self.automatic_optimization = False
 
     @property
@@ -69,9 +72,21 @@ class EditingModule(ModelModule):
             if total.meta.get("model_source") not in (None, self.model_source) or \
                     total.meta.get("editor") != self.hparams.editor:
                 raise ValueError(f"{path} holds a run of another model or editor; remove it or set resume=false")
-            total.apply(self.model, check_base=False)
+            params = dict(self.model.named_parameters())
+            total.check(self.model)
+            changed = [n for n, fp in total.base_fingerprints.items() if n in params and fingerprint(params[n]) != fp]
+            if changed:
+                raise ValueError(f"{path} was made on other weights of {changed} than {self.model_source} has now; "
+                                 "remove it or set model.init_args.resume=false")
+            weights = load_weights(path)
+            if weights is None:  # an artifact saved without weights: base + deltas (equal up to rounding)
+                total.apply(self.model, check_base=False)
+            else:
+                with torch.no_grad():
+                    for n in total.deltas:
+                        params[n].copy_(weights[n].to(params[n].device, params[n].dtype))
             self.total = total
-            self._done_batches = int(total.meta.get("completed_batches", 0))
+            self._done_batches = self._saved_through = int(total.meta.get("completed_batches", 0))
             print(f"resuming a sequential edit run: {self._done_batches} batches already applied from {path}")
 
     def test_step(self, batch, batch_idx):
@@ -82,15 +97,16 @@ class EditingModule(ModelModule):
             self.artifacts.append(art)
             self.total = art if self.total is None else EditArtifact.combine([self.total, art])
             self._done_batches = batch_idx + 1
-            if self._done_batches % max(1, self.hparams.save_every) == 0:
-                self._save_total()
         else:
             self._pending_revert = art
             self.artifacts.append(art)
         return
 
     def on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        # runs after the callbacks' on_test_batch_end, i.e. after the edit was evaluated
+        # runs after the callbacks' on_test_batch_end, i.e. after the edit was evaluated (and its scores saved)
+        if self.sequential and self._saved_through < self._done_batches == batch_idx + 1 \
+                and self._done_batches % max(1, self.hparams.save_every) == 0:
+            self._save_total()
         if self._pending_revert is not None:
             self._pending_revert.revert(self.model)
             self._pending_revert = None
@@ -100,7 +116,9 @@ class EditingModule(ModelModule):
             return
         self.total.meta.update(completed_batches=self._done_batches, editor=self.hparams.editor,
                                model_source=self.model_source)
-        self.total.save(self.out_dir() / ARTIFACT_DIR)
+        params = dict(self.model.named_parameters())
+        self.total.save(self.out_dir() / ARTIFACT_DIR, weights={n: params[n] for n in self.total.deltas})
+        self._saved_through = self._done_batches
 
     def on_test_end(self) -> None:
         if not self.trainer.is_global_zero:

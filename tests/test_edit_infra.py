@@ -179,3 +179,66 @@ def test_edit_job_independent_edits_revert(tiny_job, monkeypatch):
     assert [r.case_id for r in a0.requests] == [0]
     # every edit met the original weights: the module reverted the previous one after its evaluation
     assert a0.base_fingerprints == EditArtifact.load(arts[1]).base_fingerprints
+
+
+@pytest.mark.slow
+def test_edit_job_killed_after_its_10th_edit_resumes_to_the_uninterrupted_weights(tiny_job):
+    """A 20-edit sequential ROME run killed (kill -9) after its 10th edit was scored: the artifact on disk
+    holds the first 9 or 10 edits, the same command resumes after them, and the final edited model and the
+    per-case scores equal an uninterrupted run's bit for bit. Output redirected to a file shows progress."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tmp = tiny_job
+    write_counterfact([req(i) for i in range(20)], tmp / "reqs20.json")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def config(name: str, kill_after: int | None = None) -> Path:
+        callbacks = [] if kill_after is None else [{"class_path": "lethe.testing.SignalAtStep",
+                                                     "init_args": {"step": kill_after, "signum": 9}}]
+        cfg = {
+            "model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
+                "model": str(tmp / "model"), "editor": "rome", "sequential": True,
+                "editor_args": {"hparams": {"layer": 0, "mom2_corpus": str(tmp / "corpus.txt"), "mom2_n_samples": 64,
+                                            "context_templates": [[2, 4]], "context_source": "corpus", "v_steps": 4},
+                                "cache_dir": str(tmp / "cov"), "progress": False},
+                "evaluate": {"final": False}}},
+            "data": {"class_path": "datamodules.edits.EditDataModule", "init_args": {"source": str(tmp / "reqs20.json")}},
+            "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False,
+                        "enable_model_summary": False, "callbacks": callbacks},
+            "run": {"root": str(tmp / "runs"), "name": name, "logger": "csv"},
+        }
+        path = tmp / f"{name}-{kill_after}.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    def edit(path: Path) -> subprocess.CompletedProcess:
+        with open(tmp / "stdout.txt", "w") as out:  # stdout is a file, not a terminal
+            res = subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(path)], stdout=out,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp, timeout=900, check=False)
+        res.stdout = (tmp / "stdout.txt").read_text()
+        return res
+
+    full = edit(config("full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "test batches (edits): 20/20" in full.stdout, full.stdout[-2000:]  # progress lines in a file
+    killed = edit(config("killed", kill_after=10))
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    run = tmp / "runs" / "killed"
+    saved = EditArtifact.load(run / "edit_artifact")
+    assert saved.meta["completed_batches"] >= 9 and len(saved.requests) == saved.meta["completed_batches"]
+    assert not (run / "edited_model").exists()
+    resumed = edit(config("killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{saved.meta['completed_batches']} batches already applied" in resumed.stdout
+    want = load_file(str(tmp / "runs" / "full" / "edited_model" / "model.safetensors"))
+    got = load_file(str(run / "edited_model" / "model.safetensors"))
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) == 0.0
+    a, b = (json.loads((tmp / "runs" / n / "edit_results.json").read_text()) for n in ("full", "killed"))
+    assert [c["case_id"] for c in b["cases"]] == list(range(20)) and "partial" not in b
+    assert a["cases"] == b["cases"] and a["summary"] == b["summary"]
