@@ -166,7 +166,11 @@ class ForgetRetainDataModule(ModelDataModule):
         super().__init__()
         self.save_hyperparameters()
         if on_long not in ("truncate", "error"):
-            raise ValueError(f"on_long={on_long!r}: use 'truncate' or 'error'")
+            raise ValueError(f"data.init_args.on_long={on_long!r}: use 'truncate' or 'error'")
+        from lethe.records import RECORD_KINDS
+
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"data.init_args.kind={kind!r}: expected one of {', '.join(RECORD_KINDS)}")
         if retain_per_forget < 1:
             raise ValueError(f"data.init_args.retain_per_forget={retain_per_forget}: must be >= 1")
         self.tokenizer = None

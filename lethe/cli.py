@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lethe.registry import import_object
 
@@ -60,8 +60,49 @@ def _available_commands() -> dict[str, tuple[str, str]]:
 FINISHED = "finished.json"  # in a run folder: the fit ended normally; resuming it is a no-op unless run.continue
 
 
+class ConfigError(ValueError):
+    """A preset (or a command-line value) that does not make a valid job; names the preset file."""
+
+
+class SaveConfigWhenStarted(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` only once the job has really started (after the model, data,
+    optimiser and any checkpoint were set up without error), so a failed command leaves an existing
+    run's config untouched."""
+
+    _stage = "fit"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = stage
+
+    def _save(self, trainer, pl_module) -> None:
+        if not self.already_saved:
+            super().setup(trainer, pl_module, self._stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+
 class LetheCLI(LightningCLI):
     """LightningCLI plus lethe's run folder, loggers and checkpointing."""
+
+    def instantiate_classes(self) -> None:
+        # an error building the model or data names the preset it came from
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            sub = getattr(self, "subcommand", None)
+            files = [str(f) for f in ((self.config[sub] if sub else self.config).get("config") or [])]
+            where = " + ".join(files) if files else "the command line"
+            raise ConfigError(f"{where}: {user_error(err)}") from err
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run.name", type=str | None, default=None,
@@ -200,6 +241,19 @@ def _csv_logger_class():
         """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
 
         _trimmed = False
+        fresh = False  # a fresh run in an existing folder: the older metrics.csv is moved aside at the first write
+
+        def _move_aside(self) -> None:
+            if self.fresh and _rank() == 0 and os.path.isfile(self.metrics_file_path):
+                old = Path(self.metrics_file_path)
+                os.replace(old, old.parent / f"metrics.{int(old.stat().st_mtime)}.csv")
+                self.metrics_keys = []
+            self.fresh = False
+
+        def save(self) -> None:
+            if self.metrics:  # a run that failed before logging anything leaves the older file where it is
+                self._move_aside()
+            super().save()
 
         def _check_log_dir_exists(self) -> None:
             if os.path.isfile(self.metrics_file_path):
@@ -209,6 +263,7 @@ def _csv_logger_class():
         def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
             # The first row of a resumed run: rows the interrupted run logged at or after this step (after its last
             # checkpoint) are replaced by the ones this run logs, so every step stays in metrics.csv once.
+            self._move_aside()
             if not self._trimmed and step is not None and os.path.isfile(self.metrics_file_path):
                 from lethe.records import atomic_write
 
@@ -227,11 +282,14 @@ def _csv_logger_class():
             super().log_metrics(metrics_dict, step)
 
     class RunCSVLogger(CSVLogger):
+        fresh = False  # a fresh run (not a resume): an older metrics.csv is moved aside when logging starts
+
         @property
         def experiment(self):
             if self._experiment is None:
                 self._fs.makedirs(self.root_dir, exist_ok=True)
                 self._experiment = AppendingWriter(log_dir=self.log_dir)
+                self._experiment.fresh = self.fresh
             return self._experiment
 
     return RunCSVLogger
@@ -247,11 +305,10 @@ def make_loggers(kind: str | None, run_dir: Path, name: str, project: str = "let
     if unknown:
         raise ValueError(f"unknown run.logger {sorted(unknown)}: use csv, wandb, csv+wandb or none")
     loggers = []
-    if "csv" in kinds:
-        old = run_dir / "metrics.csv"
-        if not resuming and old.is_file() and _rank() == 0:
-            os.replace(old, run_dir / f"metrics.{int(old.stat().st_mtime)}.csv")
-        loggers.append(_csv_logger_class()(save_dir=str(run_dir.parent), name=run_dir.name, version=""))
+    if "csv" in kinds:  # a fresh run moves an older metrics.csv aside when it first logs (not if it fails before)
+        csv_logger = _csv_logger_class()(save_dir=str(run_dir.parent), name=run_dir.name, version="")
+        csv_logger.fresh = not resuming
+        loggers.append(csv_logger)
     if "wandb" in kinds:
         run_dir.mkdir(parents=True, exist_ok=True)
         loggers.append(WandbLogger(name=name, project=project, save_dir=str(run_dir), id=wandb_run_id(run_dir),
@@ -265,6 +322,7 @@ def run_trainer_cli(args: list[str] | None = None) -> LetheCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigWhenStarted,
         save_config_kwargs={"overwrite": True},
         args=args,
     )

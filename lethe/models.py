@@ -10,6 +10,7 @@ off unless asked for; the tokenizer is checked against the model's vocabulary.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -154,15 +155,40 @@ def _offline(source: str, local_files_only: bool | None) -> bool:
         return local_files_only
     if Path(source).exists():
         return True
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return offline_reason() is not None
+
+
+def offline_reason() -> str | None:
+    """Why the hub is out of reach (HF_HUB_OFFLINE set, or no connection to it), or None when it answers.
+
+    Checked once per process with one short TCP connection (2 s at most), so a name that is not in the
+    local cache fails at once instead of after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "HF_HUB_OFFLINE is set"
+    return _hub_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.cache
+def _hub_unreachable(endpoint: str) -> str | None:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=2.0).close()
+    except OSError as err:
+        return f"the hub ({url.hostname}:{port}) cannot be reached: {err}"
+    return None
 
 
 def _not_found_message(source: str, err: Exception) -> str:
     if Path(source).exists():
         return f"could not load {source}: {err}"
+    reason = offline_reason()
     return (
         f"could not load {source!r}: it is not a local directory and not in the Hugging Face cache, and "
-        "the hub could not be reached. Pass a local path (a folder with config.json and model.safetensors, "
+        f"{'lethe is offline (' + reason + ')' if reason else 'the hub could not provide it'}. Pass a local path (a folder with config.json and model.safetensors, "
         "e.g. one saved with save_pretrained), run once with network access to fill the cache, or use one "
         f"of lethe's offline models (lethe:world-decoder, lethe:world-mlm, lethe:world-seq2seq, "
         f"lethe:smollm2). Underlying error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -31,7 +31,7 @@ from lethe.unlearning import (
     build_objective,
     resolve_method,
 )
-from lightning_modules.base import ModelModule
+from lightning_modules.base import ModelModule, check_range
 
 # deprecated argument -> (objective it belongs to, its name in method_args)
 DEPRECATED_ARGS = {"beta": ("npo", "beta"), "simnpo_beta": ("simnpo", "beta"), "simnpo_gamma": ("simnpo", "gamma"),
@@ -88,6 +88,8 @@ class UnlearningModule(ModelModule):
         rmu_coef: float | None = None,
         rmu_seed: int | None = None,
     ) -> None:
+        check_range(positive={"lr": lr}, non_negative={"weight_decay": weight_decay, "forget_weight": forget_weight,
+                                                        "retain_weight": retain_weight})
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
         self.save_hyperparameters()
         forget_name, retain_name = resolve_method(method, retain_loss)

@@ -107,33 +107,65 @@ def _unlearn_preset(tmp_path: Path, **init_args) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["unknown method", "unknown objective argument", "corrupt checkpoint",
-                                  "missing checkpoint", "unknown model"])
-def test_bad_input_ends_with_one_line_naming_what_is_wrong_and_writes_nothing(tmp_path, capsys, case):
-    from lethe.cli import main
+BAD_INPUT = {  # case -> (model.init_args, extra command-line arguments, what the last line must say)
+    "unknown method": ({"method": "bogus"}, [], "method='bogus' is not an unlearning method"),
+    "unknown objective argument": ({"method": "npo", "method_args": {"betta": 1}}, [],
+                                   "method_args: npo has no argument(s) ['betta']"),
+    "unknown retain loss": ({"method": "ga", "retain_loss": "bogus"}, [], "'bogus'"),
+    "layer index out of range": ({"method": "rmu", "method_args": {"layer": 9}}, [],
+                                 "layer 9 is out of range: this gpt2 model's"),
+    "negative learning rate": ({"lr": -1e-3}, [], "model.init_args.lr=-0.001: must be a finite number > 0"),
+    "corrupt checkpoint": ({}, ["--ckpt_path", "{tmp}/junk.ckpt"], "junk.ckpt: not a PyTorch checkpoint"),
+    "missing checkpoint": ({}, ["--ckpt_path", "{tmp}/gone.ckpt"], "gone.ckpt: no such checkpoint file"),
+    "unknown model (HF_HUB_OFFLINE)": ({}, ["--model.init_args.model", "no-such-org/no-such-model"],
+                                       "lethe is offline (HF_HUB_OFFLINE is set)"),
+    "unknown model (no network)": ({}, ["--model.init_args.model", "no-such-org/no-such-model"],
+                                   "lethe is offline (the hub (127.0.0.1:9) cannot be reached"),
+    "unknown record kind": ({}, ["--data.init_args.kind", "pairs"], "data.init_args.kind='pairs': expected one of"),
+    "bad record in a data file": ({}, ["--data.init_args.forget", "{tmp}/forget.jsonl", "--data.init_args.kind",
+                                       "tofu", "--data.init_args.forget_texts", "null"],
+                                  "forget.jsonl: line 2: field 'answer': missing field"),
+    "tokenizer/model mismatch": ({"tokenizer": "{tmp}/big-tok"}, [], "tokenizer/model mismatch"),
+}
 
-    args = {"unknown method": {"method": "bogus"}, "unknown objective argument": {"method": "npo",
-                                                                                 "method_args": {"betta": 1}},
-            }.get(case, {})
-    preset = _unlearn_preset(tmp_path, **args)
-    extra, want = [], {"unknown method": "method='bogus' is not an unlearning method",
-                       "unknown objective argument": "method_args: npo has no argument(s) ['betta']",
-                       "corrupt checkpoint": "junk.ckpt: not a PyTorch checkpoint",
-                       "missing checkpoint": "gone.ckpt: no such checkpoint file",
-                       "unknown model": "could not load 'no-such-org/no-such-model'"}[case]
-    if case == "corrupt checkpoint":
-        (tmp_path / "junk.ckpt").write_bytes(b"\x80\x04not a zip")
-        extra = ["--ckpt_path", str(tmp_path / "junk.ckpt")]
-    elif case == "missing checkpoint":
-        extra = ["--ckpt_path", str(tmp_path / "gone.ckpt")]
-    elif case == "unknown model":
-        extra = ["--model.init_args.model", "no-such-org/no-such-model"]
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_ends_with_one_line_naming_what_is_wrong_and_changes_no_file(tmp_path, capsys, monkeypatch, case):
+    """Every row of the bad-input table: exit code 2, the last line names the file / record / field, and an
+    existing run folder of the same name (config.yaml, metrics.csv, a checkpoint) is left byte for byte."""
+    from lethe.cli import main
+    from lethe.models import _hub_unreachable
+
+    init, extra, want = BAD_INPUT[case]
+    fill = lambda v: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v
+    preset = _unlearn_preset(tmp_path, **{k: fill(v) for k, v in init.items()})
+    extra = [fill(a) for a in extra]
+    (tmp_path / "junk.ckpt").write_bytes(b"\x80\x04not a zip")
+    (tmp_path / "forget.jsonl").write_text('{"question": "w1 w2", "answer": "w3"}\n{"question": "w4 w5"}\n')
+    if case == "tokenizer/model mismatch":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tmp_path / "tiny-gpt2"))
+        tok.add_tokens([f"extra{i}" for i in range(5000)])
+        tok.save_pretrained(str(tmp_path / "big-tok"))
+    if case == "unknown model (no network)":
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+        _hub_unreachable.cache_clear()
+    run = tmp_path / "runs" / "bad"  # an earlier run of the same name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("# the earlier run's config\n")
+    (run / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"earlier")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(preset), *extra])
+    _hub_unreachable.cache_clear()
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lethe: error: ") and want in last, last
-    assert not (tmp_path / "runs").exists()  # nothing written: no run folder, no config.yaml
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    assert after == before  # no file written, moved or changed
 
 
 def test_edit_help_documents_editors_sources_outputs_and_resume():
