@@ -7,7 +7,11 @@
   x_1..x_T, the mean over prefixes t of the n-gram overlap between the greedy continuation
   of x_<t and the true suffix x_>=t, where overlap(a, b) = sum over the n-grams g of a
   of 1{g in ngrams(b)} / |ngrams(a)| and the continuation is as long as the suffix.
-  Prefixes run over t with |suffix| >= n (Jang's t <= T-n). A sequence too short for
+  Which prefixes: ``convention="code"`` (the default) continues every prefix whose suffix holds at
+  least one n-gram, |suffix| >= n, as Jang et al.'s released implementation does (its loop over
+  prefix lengths i stops at T-n); ``convention="paper"`` reads the paper's formula literally,
+  sum over t = 1..T-n of overlap(f(x_<t), x_>=t) / (T-n), so |suffix| >= n+1 (the last
+  single-n-gram suffix is left out). A sequence too short for
   one n-gram of order n (facts are 5-10 tokens, EL_10 is the paper's default) uses
   n_eff = min(n, |suffix|) for each of its prefixes instead of being dropped -- so it
   still measures "does the greedy continuation reproduce the rest". All prefixes of
@@ -71,9 +75,10 @@ class MemorizationAccuracy(_Mean):
 class ExtractionLikelihood(_Mean):
     """EL_n over sequences; ``update`` takes per-sequence values from :func:`extraction_likelihood`."""
 
-    def __init__(self, n: int = 10, **kwargs) -> None:
+    def __init__(self, n: int = 10, convention: str = "code", **kwargs) -> None:
         super().__init__(**kwargs)
         self.n = n
+        self.convention = check_convention(convention)
 
     def update(self, values: torch.Tensor) -> None:
         self.update_values(values[~torch.isnan(values)])
@@ -103,9 +108,22 @@ def ngram_overlap(generated: list[int], true: list[int], n: int) -> float:
     return sum(1 for g in grams if g in ref) / len(grams)
 
 
+EL_CONVENTIONS = ("code", "paper")
+
+
+def check_convention(convention: str) -> str:
+    if convention not in EL_CONVENTIONS:
+        raise ValueError(f"EL_n convention {convention!r}: use 'code' (|suffix| >= n, Jang et al.'s implementation) "
+                         "or 'paper' (t = 1..T-n, |suffix| >= n+1)")
+    return convention
+
+
 def extraction_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                        n: int, max_prefixes: int | None = None) -> list[list[tuple[list[int], list[int], int]]]:
+                        n: int, max_prefixes: int | None = None,
+                        convention: str = "code") -> list[list[tuple[list[int], list[int], int]]]:
     """For each sequence: the (prefix ids, true suffix ids, n_eff) pairs EL_n averages over (decoders).
+
+    ``convention``: "code" keeps prefixes whose suffix has >= n tokens, "paper" >= n + 1 (module docstring).
 
     ``max_prefixes`` keeps that many evenly spaced prefixes per sequence (an estimate of EL_n
     for long passages, where continuing every prefix would cost O(T^2) generated tokens).
@@ -119,7 +137,8 @@ def extraction_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, l
         if pos:
             start, end = pos[0], pos[-1] + 1
             cuts = [c for c in range(max(start, 1), end)]
-            long_enough = [c for c in cuts if end - c >= n]
+            least = n if check_convention(convention) == "code" else n + 1
+            long_enough = [c for c in cuts if end - c >= least]
             if long_enough:
                 rows = [(ids[:c], ids[c:end], n) for c in long_enough]
             else:
@@ -174,12 +193,13 @@ def el_from_continuations(rows: list[list[tuple[list[int], list[int], int]]],
 
 
 def extraction_likelihood(model, batch: dict[str, torch.Tensor], n: int, pad_id: int,
-                          family: str = "decoder", max_prefixes: int | None = None) -> torch.Tensor:
+                          family: str = "decoder", max_prefixes: int | None = None,
+                          convention: str = "code") -> torch.Tensor:
     """Per-sequence EL_n of a batch (one batched generate for all its prefixes)."""
     if family != "decoder":
         raise ValueError(f"EL_n is defined for decoder (causal) models; this is a {family} model -- use MA")
     rows = extraction_prefixes(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["labels"].cpu(), n,
-                               max_prefixes)
+                               max_prefixes, convention)
     flat = [r for seq in rows for r in seq]
     conts = greedy_continuations(model, [p for p, _, _ in flat], [len(s) for _, s, _ in flat], pad_id)
     return el_from_continuations(rows, conts)
@@ -205,7 +225,7 @@ def memorisation_scores(model, batches, family: str, n: int | None, pad_id: int,
             ma.update(logits, batch["labels"], family)
             ppl.update(logits, batch["labels"], family)
             if el is not None:
-                el.update(extraction_likelihood(model, batch, el.n, pad_id, family, max_prefixes))
+                el.update(extraction_likelihood(model, batch, el.n, pad_id, family, max_prefixes, el.convention))
     finally:
         model.train(was_training)
     out = {"ma": float(ma.compute()), "ppl": float(ppl.compute())}

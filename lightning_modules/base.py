@@ -18,7 +18,7 @@ class ModuleConfigError(ValueError):
 
 def check_range(positive: dict | None = None, non_negative: dict | None = None) -> None:
     """Refuse out-of-range numeric arguments before anything is loaded, naming ``model.init_args.<field>``:
-    ``positive`` values must be finite and > 0 (learning rates), ``non_negative`` finite and >= 0 (weights)."""
+    ``positive`` values must be finite and > 0 (sizes), ``non_negative`` finite and >= 0 (learning rates, weights)."""
     import math
 
     for names, ok, what in ((positive or {}, lambda v: v > 0, "> 0"), (non_negative or {}, lambda v: v >= 0, ">= 0")):

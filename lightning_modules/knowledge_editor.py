@@ -38,7 +38,7 @@ class KnowledgeEditorModule(HypernetModule):
                  margin_max: float = 0.1, margin_min: float = 0.01, margin_steps: int = 1000,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
                  trust_remote_code: bool = False, tokenizer: str | None = None) -> None:
-        check_range(positive={"lr": lr, "lr_lagrange": lr_lagrange}, non_negative={"margin_min": margin_min})
+        check_range(non_negative={"lr": lr, "lr_lagrange": lr_lagrange, "margin_min": margin_min})
         super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer)
         self.save_hyperparameters()
         embed_dim = self.adapter.embeddings(self.model).weight.shape[1]

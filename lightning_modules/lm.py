@@ -26,7 +26,7 @@ class LanguageModelModule(ModelModule):
         trust_remote_code: bool = False,
         tokenizer: str | None = None,
     ) -> None:
-        check_range(positive={"lr": lr}, non_negative={"weight_decay": weight_decay, "warmup_steps": warmup_steps})
+        check_range(non_negative={"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps})
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
         self.save_hyperparameters()
         self.model.train()

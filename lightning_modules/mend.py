@@ -37,8 +37,8 @@ class MENDModule(HypernetModule):
                  lr: float = 1e-4, lr_alpha: float = 1e-4, c_edit: float = 0.1, c_loc: float = 1.0,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
                  trust_remote_code: bool = False, tokenizer: str | None = None) -> None:
-        check_range(positive={"lr": lr, "lr_alpha": lr_alpha, "rank": rank},
-                    non_negative={"c_edit": c_edit, "c_loc": c_loc})
+        check_range(positive={"rank": rank},
+                    non_negative={"lr": lr, "lr_alpha": lr_alpha, "c_edit": c_edit, "c_loc": c_loc})
         super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer)
         self.save_hyperparameters()
         self.net = MENDNet(self.sites, rank=rank, n_hidden=n_hidden, alpha_init=alpha_init)

@@ -88,7 +88,7 @@ class UnlearningModule(ModelModule):
         rmu_coef: float | None = None,
         rmu_seed: int | None = None,
     ) -> None:
-        check_range(positive={"lr": lr}, non_negative={"weight_decay": weight_decay, "forget_weight": forget_weight,
+        check_range(non_negative={"lr": lr, "weight_decay": weight_decay, "forget_weight": forget_weight,
                                                         "retain_weight": retain_weight})
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
         self.save_hyperparameters()

@@ -114,7 +114,7 @@ BAD_INPUT = {  # case -> (model.init_args, extra command-line arguments, what th
     "unknown retain loss": ({"method": "ga", "retain_loss": "bogus"}, [], "'bogus'"),
     "layer index out of range": ({"method": "rmu", "method_args": {"layer": 9}}, [],
                                  "layer 9 is out of range: this gpt2 model's"),
-    "negative learning rate": ({"lr": -1e-3}, [], "model.init_args.lr=-0.001: must be a finite number > 0"),
+    "negative learning rate": ({"lr": -1e-3}, [], "model.init_args.lr=-0.001: must be a finite number >= 0"),
     "corrupt checkpoint": ({}, ["--ckpt_path", "{tmp}/junk.ckpt"], "junk.ckpt: not a PyTorch checkpoint"),
     "missing checkpoint": ({}, ["--ckpt_path", "{tmp}/gone.ckpt"], "gone.ckpt: no such checkpoint file"),
     "unknown model (HF_HUB_OFFLINE)": ({}, ["--model.init_args.model", "no-such-org/no-such-model"],

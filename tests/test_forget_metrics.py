@@ -194,3 +194,23 @@ def test_el_on_crafted_models_equals_hand_values_eos_included():
     # and with n = 1 (unigrams): [1] -> 2 3 4 5 vs {2, 4, 4, 7}: 2 and 4 hit = 2/4; [1 2] -> 3 4 5 vs {4, 4, 7}: 1/3;
     # [1 2 4] -> 5 6 vs {4, 7}: 0; [1 2 4 4] -> 5 vs {7}: 0
     assert extraction_likelihood(model, off, n=1, pad_id=0).item() == pytest.approx((2 / 4 + 1 / 3) / 4, abs=1e-6)
+
+
+def test_el_prefix_conventions_code_and_paper_on_the_token_plus_one_model():
+    """'code' (default) continues every prefix whose suffix holds >= n tokens (Jang et al.'s implementation);
+    'paper' takes t = 1..T-n of the paper's sum, suffixes of >= n+1 tokens. Hand values on 1 2 4 4 <eos>."""
+    model = _token_plus_one_model()
+    off = {"input_ids": torch.tensor([[1, 2, 4, 4, 7]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+           "labels": torch.tensor([[IG, 2, 4, 4, 7]])}
+    # n = 1: code keeps the 1-token suffix ([1 2 4 4] -> 5 vs {7}: 0), paper drops it
+    code = extraction_likelihood(model, off, n=1, pad_id=0, convention="code").item()
+    paper = extraction_likelihood(model, off, n=1, pad_id=0, convention="paper").item()
+    assert code == pytest.approx((2 / 4 + 1 / 3 + 0 + 0) / 4, abs=1e-6)
+    assert paper == pytest.approx((2 / 4 + 1 / 3 + 0) / 3, abs=1e-6)
+    rows = extraction_prefixes(off["input_ids"], off["attention_mask"], off["labels"], n=2, convention="paper")[0]
+    assert [len(s) for _, s, _ in rows] == [4, 3]  # T = 4 target tokens, t = 1..T-n = 1..2
+    metric = ExtractionLikelihood(1, convention="paper")
+    metric.update(extraction_likelihood(model, off, n=1, pad_id=0, convention="paper"))
+    assert metric.compute().item() == pytest.approx(paper, abs=1e-6)
+    with pytest.raises(ValueError, match="convention 'jang'"):
+        ExtractionLikelihood(2, convention="jang")
