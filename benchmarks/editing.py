@@ -60,6 +60,12 @@ def main(argv=None) -> dict:
         print(f"[{args.method}] world decoder done; now SmolLM2 on the real-fact set", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result["smollm2"] = {**module.run(companion), "benchmark_seconds": round(time.perf_counter() - t0, 1)}
+    from lethe.world_models import world_builds
+
+    models = [getattr(args, "model", None), *str(getattr(args, "models", "") or "").split(",")]
+    builds = world_builds(models)
+    if builds:
+        result["world_build"] = builds
     line = json.dumps(result, default=float)
     if args.result:
         from lethe.io import write_json

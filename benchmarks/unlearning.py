@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, json.dumps(row), flush=True)
     if not args.no_smollm2:
         result["smollm2_memorised_passages"] = smollm2_run(args, root)
+    from lethe.world_models import world_builds
+
+    if not args.no_world:
+        result["world_build"] = world_builds([args.model])
     print(json.dumps(result))
     return result
 

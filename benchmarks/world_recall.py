@@ -77,6 +77,9 @@ def main(argv=None) -> dict:
         result[f"world_{family}"] = world_recall(family)
     if not args.no_smollm2:
         result["smollm2"] = smollm2_real_facts()
+    from lethe.world_models import world_builds
+
+    result["world_build"] = world_builds(f"lethe:world-{f}" for f in args.family or FAMILIES)
     print(json.dumps(result))
     return result
 

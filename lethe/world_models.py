@@ -3,7 +3,13 @@
 Nothing here downloads anything. ``ensure_world_model("decoder")`` returns a
 Hugging Face folder in lethe's cache, building it on first use (with a
 progress bar) and reusing it afterwards. The build is deterministic: same
-seed, same world, same weights on the same machine. The folders are also
+seed, same world, same weights on the same machine, whatever thread count the
+caller runs with (the build trains with ``BUILD_THREADS`` intra-op threads and
+deterministic algorithms, then restores the caller's setting). Each build stores
+a fingerprint of its weights (``lethe_build.json``: ``weights_fingerprint``, with
+the thread count, torch version and CPU capability it was built with);
+benchmarks print it, so a stored result says which build it came from (another
+CPU instruction set can round differently and give another fingerprint). The folders are also
 reachable as model names: ``lethe:world-decoder``, ``lethe:world-mlm``,
 ``lethe:world-seq2seq``.
 
@@ -70,9 +76,69 @@ def model_dir(family: str, cache: str | os.PathLike | None = None, seed: int = W
     return world_cache_dir(cache, seed) / name
 
 
+BUILD_THREADS = 2  # intra-op threads while a world model trains (results must not depend on the machine's count)
+
+
 def build_info(path: str | os.PathLike) -> dict:
-    """The build record saved with a world model (seconds, recipe, world fingerprint)."""
+    """The build record saved with a world model (seconds, recipe, world and weight fingerprints)."""
     return json.loads((Path(path) / "lethe_build.json").read_text())
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """A hash of a saved model's tensors (names, dtypes, shapes and bytes, in name order): equal
+    fingerprints mean bit-identical weights."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def build_record(family: str, cache: str | os.PathLike | None = None, seed: int = WORLD_SEED) -> dict:
+    """What a benchmark prints about the world model it ran on: folder name, weight fingerprint, and how
+    it was built (a build from before fingerprints were stored gets its fingerprint computed here)."""
+    path = ensure_world_model(family, cache, seed, progress=False)
+    info = build_info(path)
+    return {"model": f"{path.parent.name}/{path.name}",
+            "weights_fingerprint": info.get("weights_fingerprint") or weights_fingerprint(path),
+            "threads": info.get("threads"), "torch": info.get("torch"), "cpu": info.get("cpu_capability")}
+
+
+def world_builds(names) -> dict:
+    """``{family: build_record}`` for the ``lethe:world-<family>`` names among ``names`` (other models are
+    skipped), each also printed to stderr: a benchmark's result says which world build it ran on."""
+    import sys
+
+    out = {}
+    for name in names:
+        name = str(name or "")
+        if name.startswith("lethe:world-") and name[len("lethe:world-"):] in FAMILIES:
+            family = name[len("lethe:world-"):]
+            out[family] = build_record(family)
+            print(f"world build: {family} {out[family]['model']} weights {out[family]['weights_fingerprint']}",
+                  file=sys.stderr, flush=True)
+    return out
+
+
+class _fixed_threads:
+    """Run a block with ``n`` intra-op threads and deterministic algorithms, restoring both after."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(self.n)
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+        torch.use_deterministic_algorithms(self.deterministic)
 
 
 def ensure_world_model(family: str, cache: str | os.PathLike | None = None, seed: int = WORLD_SEED,
@@ -90,7 +156,8 @@ def ensure_world_model(family: str, cache: str | os.PathLike | None = None, seed
             return dest
         if (dest / "lethe_build.json").is_file() and progress:
             print(f"lethe: the cached world {family} model in {dest} was built with another recipe; rebuilding")
-        _build(family, dest, seed, progress, wanted)
+        with _fixed_threads(BUILD_THREADS):
+            _build(family, dest, seed, progress, wanted)
     return dest
 
 
@@ -163,6 +230,8 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict) -> 
             item.rename(tmp / item.name)
         (tmp / "_m").rmdir()
         info = {"family": family, "recipe": recipe, "seed": seed, "world_fingerprint": world.fingerprint(),
+                "weights_fingerprint": weights_fingerprint(tmp), "threads": torch.get_num_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "build_seconds": round(time.time() - start, 1), "torch": torch.__version__,
                 "steps": trainer.global_step}
         (tmp / "lethe_build.json").write_text(json.dumps(info, indent=2) + "\n")

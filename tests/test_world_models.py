@@ -8,18 +8,39 @@ from safetensors.torch import load_file
 
 from lethe import lm
 from lethe.models import load_model
-from lethe.world_models import FAMILIES, RECIPES, build_info, ensure_world_model, load_world, model_dir
+from lethe.world_models import (
+    BUILD_THREADS,
+    FAMILIES,
+    RECIPES,
+    build_info,
+    ensure_world_model,
+    load_world,
+    model_dir,
+    weights_fingerprint,
+)
 
 QUICK = {"epochs": 1, "width": 32, "layers": 1, "ffn": 64, "heads": 2}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quick_build_is_reproducible_and_cached(tmp_path, family):
-    a = ensure_world_model(family, cache=tmp_path / "a", recipe=QUICK, progress=False)
-    b = ensure_world_model(family, cache=tmp_path / "b", recipe=QUICK, progress=False)
+    """Two fresh builds in two cache folders, called with 1 and with 3 threads: the same weights (the build
+    trains with BUILD_THREADS threads and deterministic algorithms, then restores the caller's settings)."""
+    outer = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = ensure_world_model(family, cache=tmp_path / "a", recipe=QUICK, progress=False)
+        assert torch.get_num_threads() == 1 and not torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(3)
+        b = ensure_world_model(family, cache=tmp_path / "b", recipe=QUICK, progress=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(outer)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
     info = build_info(a)
+    assert info["weights_fingerprint"] == build_info(b)["weights_fingerprint"] == weights_fingerprint(a)
+    assert info["threads"] == BUILD_THREADS
     assert info["world_fingerprint"] == load_world().fingerprint() and info["steps"] > 0
     # a second call reuses the cache: nothing is rebuilt
     mtime = (a / "model.safetensors").stat().st_mtime_ns
