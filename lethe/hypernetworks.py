@@ -276,8 +276,49 @@ def check_meta(saved: dict, here: dict, where: str, allow_other_weights: bool = 
 
 
 # ----- applying a trained editor (lethe edit) -------------------------------------------------------------
+EDITOR_WEIGHTS = "editor.safetensors"  # an exported editor: its network's tensors ...
+EDITOR_JSON = "editor.json"  # ... and what it is (hyperparameters, the model and sites it was trained for)
+
+
+def export_editor(state_dict: dict[str, torch.Tensor], hyper_parameters: dict, meta: dict, dest: str | Path) -> Path:
+    """Write a trained editor as ``dest/editor.safetensors`` + ``dest/editor.json`` (atomically): tensors
+    and JSON only, so loading it can never run code. ``state_dict`` keys start with ``net.``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lethe.io import atomic_path
+
+    with atomic_path(dest, is_dir=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / EDITOR_WEIGHTS))
+        (tmp / EDITOR_JSON).write_text(json.dumps({"format": "lethe-editor-v1", "hyper_parameters": hyper_parameters,
+                                                   EDITOR_META_KEY: meta}, indent=1, default=str) + "\n")
+    return Path(dest)
+
+
 def load_editor_checkpoint(path: str | Path) -> dict:
+    """A trained editor as ``{"state_dict", "hyper_parameters", EDITOR_META_KEY}``, from an exported editor
+    folder (``editor.safetensors`` + ``editor.json``) or a ``lethe fit`` checkpoint (read with
+    ``weights_only=True``); any other file is refused, naming it."""
+    import json
+
     path = Path(path)
+    if path.is_dir() or path.name in (EDITOR_WEIGHTS, EDITOR_JSON):
+        folder = path if path.is_dir() else path.parent
+        for name in (EDITOR_WEIGHTS, EDITOR_JSON):
+            if not (folder / name).is_file():
+                raise EditorCheckpointError(f"{folder} is not an exported lethe editor: {name} is missing")
+        try:
+            from safetensors.torch import load_file
+
+            info = json.loads((folder / EDITOR_JSON).read_text())
+            state = load_file(str(folder / EDITOR_WEIGHTS))
+        except Exception as err:  # bad JSON, a truncated safetensors file
+            raise EditorCheckpointError(f"{folder}: the exported editor cannot be read ({err})") from err
+        if EDITOR_META_KEY not in info:
+            raise EditorCheckpointError(f"{folder / EDITOR_JSON}: no {EDITOR_META_KEY!r} entry")
+        return {"state_dict": state, "hyper_parameters": info.get("hyper_parameters", {}),
+                EDITOR_META_KEY: info[EDITOR_META_KEY]}
     if not path.is_file():
         raise FileNotFoundError(f"editor checkpoint {path} does not exist (train one with `lethe fit`)")
     try:  # tensors and plain containers only: a checkpoint from elsewhere must not be able to run code
@@ -293,7 +334,8 @@ def load_editor_checkpoint(path: str | Path) -> dict:
 class HypernetEditor:
     """``Editor`` for ``lethe edit``: edits requests with a trained MEND/KE checkpoint.
 
-    Args: checkpoint — the ``lethe fit`` checkpoint (e.g. ``runs/mend_decoder/checkpoints/last.ckpt``);
+    Args: checkpoint — the exported editor folder ``lethe fit`` writes at the end (``runs/mend_decoder/editor``:
+    safetensors + JSON) or one of its checkpoints (``runs/mend_decoder/checkpoints/last.ckpt``);
     batch_size — requests edited jointly in one update (None: all requests of a call together);
     allow_other_weights — use an editor trained on other weights of the same architecture and layers.
     """

@@ -5,6 +5,7 @@ gradient factors, losses, checkpoint checks) are in :mod:`lethe.hypernetworks`."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from lethe.hypernetworks import (
     editor_meta,
     encode,
     exact_match,
+    export_editor,
     kl_at_labels,
     resolve_sites,
     token_loss,
@@ -136,6 +138,14 @@ class HypernetModule(ModelModule):
             self._step(batch, "val")
 
     # ----- checkpoints: the editor only ---------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        """Export the trained editor as safetensors + JSON (``<run>/editor``), the form to share and to load
+        with ``lethe edit`` (editor_args.checkpoint): loading it runs no code."""
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+            export_editor(state, dict(self.hparams), self.editor_meta(),
+                          Path(self.trainer.default_root_dir) / "editor")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[self.META_KEY] = self.editor_meta()

@@ -73,13 +73,13 @@ def test_two_process_run_resumes_same_steps_and_same_logger_run(tmp_path):
     _fit(preset)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 2
     wandb_id = (run_dir / "wandb_id").read_text().strip()
 
     # resume: continue to step 4 in the same run folder, same wandb id, same metrics file
     _fit(preset, "--trainer.max_steps", "4", "--ckpt_path", "last")
-    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 4
     assert (run_dir / "wandb_id").read_text().strip() == wandb_id
     wandb_runs = sorted(p.name for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run"))
@@ -272,3 +272,38 @@ def test_interrupted_run_resumes_to_the_same_weights_and_rows(tmp_path, signum, 
     with open(tmp_path / "runs" / "stopped" / "metrics.csv") as fh:
         steps = [row["step"] for row in csv.DictReader(fh) if row.get("train/loss")]
     assert len(steps) == len(set(steps)) == 6, steps  # each step logged once
+
+
+@pytest.mark.slow
+def test_readme_main_job_killed_after_30_s_resumes_from_its_checkpoint(tmp_path):
+    """The README's main job with its preset's defaults, killed (-9) 30 s after it started: --ckpt_path last
+    resumes from the checkpoint it left (not from step 0) and every step is logged once."""
+    import time
+
+    from lethe.world_models import ensure_world_model
+
+    ensure_world_model("decoder", progress=False)  # a first build is not part of the 30 s
+    preset = ROOT / "configs" / "unlearn" / "world_decoder_ga.yaml"
+    common = ["--run.root", str(tmp_path / "runs"), "--model.init_args.save_dir", str(tmp_path / "model")]
+    env = {**_env(), "OMP_NUM_THREADS": "2"}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([*LETHE, "fit", "--config", str(preset), *common], stdout=log, stderr=log, env=env,
+                                cwd=tmp_path)
+        time.sleep(30)
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9, (tmp_path / "first.log").read_text()[-3000:]
+    run = tmp_path / "runs" / "world_decoder_ga"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file(), (tmp_path / "first.log").read_text()[-3000:]
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"]
+    assert saved > 0
+    res = subprocess.run([*LETHE, "fit", "--config", str(preset), *common, "--ckpt_path", "last",
+                          "--trainer.max_steps", str(saved + 1)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {ckpt}" in res.stdout + res.stderr
+    assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == saved + 1
+    with open(run / "metrics.csv") as fh:
+        steps = [int(float(r["step"])) for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert len(steps) == len(set(steps)), steps

@@ -115,10 +115,10 @@ def test_base_model_never_changes_and_editor_learns(tiny_dirs):
 def test_checkpoint_reloads_to_identical_edits_and_refuses_others(tiny_dirs, tmp_path):
     L.seed_everything(0)
     module = MENDModule(tiny_dirs["gpt2"], layers=[-1], rank=8, lr=1e-2, lr_alpha=1e-2)
-    trainer = fit(module, steps=2)
+    trainer = fit(module, steps=2, default_root_dir=str(tmp_path / "run"))
     ckpt = tmp_path / "mend.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     assert not any(k.startswith("model.") for k in saved["state_dict"])  # the editor only
     module.net.eval()
     with torch.no_grad():
@@ -131,6 +131,11 @@ def test_checkpoint_reloads_to_identical_edits_and_refuses_others(tiny_dirs, tmp
         torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)  # Conv1D layout
     art2 = MENDEditor(str(ckpt)).edit(load_model(tiny_dirs["gpt2"]), REQS[:2])
     assert all(torch.equal(art.deltas[k], art2.deltas[k]) for k in art.deltas)
+    # the editor exported at the end of the fit (safetensors + JSON, no pickle) edits identically
+    exported = tmp_path / "run" / "editor"
+    assert sorted(p.name for p in exported.iterdir()) == ["editor.json", "editor.safetensors"]
+    art3 = MENDEditor(str(exported)).edit(load_model(tiny_dirs["gpt2"]), REQS[:2])
+    assert all(torch.equal(art.deltas[k], art3.deltas[k]) for k in art.deltas)
     art.revert(fresh.model)
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
     # the Lightning module reloads too (resume path), and refuses other layers / other models
