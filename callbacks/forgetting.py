@@ -178,6 +178,24 @@ class ForgettingTracker(L.Callback):
                 self.stopped_at = trainer.global_step
         if trainer.is_global_zero and self.report:
             self.write_report(trainer)
+        if trainer.is_global_zero and self.history:
+            print(self.summary_line(), flush=True)
+
+    def summary_line(self) -> str:
+        """One line for the log: where the run ended against the thresholds, and what the retain set kept."""
+        first, last = self.history[0], self.history[-1]
+        parts = [f"forgetting: step {last['step']}"
+                 + (f" (stop rule, crossed: MA at step {self.crossed.get('ma')}, EL at step {self.crossed.get('el')})"
+                    if self.stopped_at is not None else " (no stop)")]
+        thr = self.thresholds or {}
+        for key, name in (("ma", "MA"), (self.el_key, self.el_key.upper())):
+            if f"forget/{key}" in last:
+                t = thr.get("ma" if key == "ma" else "el")
+                parts.append(f"forget {name} {last[f'forget/{key}']:.3f}" + (f" (threshold {t:.3f})" if t is not None
+                                                                             else ""))
+        if "retain/ma" in last:
+            parts.append(f"retain MA {last['retain/ma']:.3f} (at step 0: {first.get('retain/ma', float('nan')):.3f})")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ state & report
 

@@ -315,3 +315,34 @@ def test_former_method_keywords_are_deprecated_aliases(tiny):
         r = UnlearningModule(tiny["gpt2"], method="rmu", rmu_layer=0, rmu_coef=3.0)
     assert (r.forget_objective.layer, r.forget_objective.coef) == (0, 3.0)
     assert torch.isclose(r.rmu_control.norm(), torch.tensor(3.0))
+
+
+@pytest.mark.slow
+def test_stop_rule_is_checked_every_step_and_keeps_the_crossing_steps_model(tmp_path):
+    """GA on 8 facts of the world decoder, full measurements every 5 steps, the rule checked every step:
+    the run stops at the first step where forget MA and EL are both at or below the unseen thresholds (not at
+    the next multiple of 5), reports the step each threshold was first crossed, and ends on that step's model."""
+    L.seed_everything(0)
+    module = UnlearningModule("lethe:world-decoder", method="ga", lr=1e-3)
+    dm = ForgetRetainDataModule(builtin="world", n_forget=8, n_retain=16, n_unseen=32, batch_size=8,
+                                eval_batch_size=64)
+    tracker = ForgettingTracker(every_n_steps=5, n=10, stop=True, report_dir=str(tmp_path))
+    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                        callbacks=[tracker])
+    trainer.fit(module, dm)
+    report = json.loads((tmp_path / "forgetting.json").read_text())
+    thr, checks = report["thresholds"], report["checks"]
+    assert [c["step"] for c in checks[: report["stopped_at"]]] == list(range(1, report["stopped_at"] + 1))
+
+    def below(c, key, metric):
+        return c[f"forget/{metric}"] <= thr[key]
+
+    both = [c["step"] for c in checks if below(c, "ma", "ma") and below(c, "el", "el10")]
+    assert report["stopped_at"] == both[0] == trainer.global_step < 60
+    assert report["crossed"]["ma"] == next(c["step"] for c in checks if below(c, "ma", "ma"))
+    assert report["crossed"]["el"] == next(c["step"] for c in checks if below(c, "el", "el10"))
+    final = report["history"][-1]  # the full measurement of the model the run ends with: the stopping step's
+    assert final["step"] == report["stopped_at"]
+    assert final["forget/ma"] == pytest.approx(checks[-1]["forget/ma"]) and "retain/ma" in final
+    assert "retain MA" in tracker.summary_line() and f"step {report['stopped_at']}" in tracker.summary_line()
