@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> None:
         _dispatch(argv, from_sys)
     except SIGTERMException:
         # Lightning leaves the fit with this SystemExit (code 0); a stopped job must not look finished
-        raise SystemExit(143) from None
+        from lethe.interrupts import sigint_received
+
+        raise SystemExit(130 if sigint_received() else 143) from None
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lethe.checks import check_range
 from lethe.hypernetworks import KINDS
 from lethe.knowledge_editor import KENet
-from lightning_modules.base import check_range
 from lightning_modules.hypernet_common import HypernetModule
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from lethe import lm
-from lightning_modules.base import ModelModule, check_range
+from lethe.checks import check_range
+from lightning_modules.base import ModelModule
 
 
 class LanguageModelModule(ModelModule):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from lethe.checks import check_range
 from lethe.hypernetworks import KINDS
 from lethe.mend import MENDNet
-from lightning_modules.base import check_range
 from lightning_modules.hypernet_common import HypernetModule
 
 

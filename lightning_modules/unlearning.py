@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lethe import lm
+from lethe.checks import check_range
 from lethe.hooks import Trace
 from lethe.io import atomic_path, save_pretrained
 from lethe.unlearning import (
@@ -31,7 +32,7 @@ from lethe.unlearning import (
     build_objective,
     resolve_method,
 )
-from lightning_modules.base import ModelModule, check_range
+from lightning_modules.base import ModelModule
 
 # deprecated argument -> (objective it belongs to, its name in method_args)
 DEPRECATED_ARGS = {"beta": ("npo", "beta"), "simnpo_beta": ("simnpo", "beta"), "simnpo_gamma": ("simnpo", "gamma"),

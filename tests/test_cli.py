@@ -247,8 +247,9 @@ def _ga_preset(tmp_path: Path, name: str, signal_at: int | None, signum: int = 1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "at", "saved"), [(15, 2, 2), (15, 4, 4), (9, 3, 2), (9, 5, 4)],
-                         ids=["sigterm-mid-epoch", "sigterm-epoch-boundary", "kill9-mid-epoch", "kill9-epoch-boundary"])
+@pytest.mark.parametrize(("signum", "at", "saved"), [(15, 2, 2), (15, 4, 4), (9, 3, 2), (9, 5, 4), (2, 3, 3)],
+                         ids=["sigterm-mid-epoch", "sigterm-epoch-boundary", "kill9-mid-epoch", "kill9-epoch-boundary",
+                              "ctrl-c-mid-epoch"])
 def test_interrupted_run_resumes_to_the_same_weights_and_rows(tmp_path, signum, at, saved):
     """4 forget batches per epoch. SIGTERM after step 2 (mid-epoch) or 4 (the epoch's last batch) saves that
     step and exits 143; kill -9 after step 3 or 5 leaves the checkpoint of step 2 or 4 (saved every 2 steps)."""
@@ -260,7 +261,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_rows(tmp_path, signum, 
     assert full.returncode == 0, full.stderr[-3000:]
     stopped = _ga_preset(tmp_path, "stopped", at, signum, save_every=2)
     res = run(stopped)
-    assert res.returncode == (143 if signum == 15 else -9), (res.returncode, res.stderr[-3000:])
+    assert res.returncode == {15: 143, 9: -9, 2: 130}[signum], (res.returncode, res.stderr[-3000:])
     ckpt = tmp_path / "runs" / "stopped" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == saved
     resumed = run(_ga_preset(tmp_path, "stopped", None, save_every=2), "--ckpt_path", "last")
