@@ -147,24 +147,20 @@ class ForgetRetainDataModule(ModelDataModule):
         forget_pairs: list[list[str]] | None = None,
         retain_pairs: list[list[str]] | None = None,
         unseen_pairs: list[list[str]] | None = None,
-        batch_size: int = 8,
         retain_per_forget: int = 1,
         eval_batch_size: int = 32,
         max_length: int | None = None,
         on_long: str = "truncate",
         drop_overlap: bool = False,
         add_eos: bool = False,
-        seed: int = 0,
         builtin: str | None = None,
         n_forget: int = 32,
         n_retain: int = 256,
         n_unseen: int = 64,
-        num_workers: int = 0,
-        tokenizer: str | None = None,
-        family: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**kwargs)  # batch_size, seed, num_workers, tokenizer, family (ModelDataModule)
+        self.save_all_hyperparameters()
         if on_long not in ("truncate", "error"):
             raise ValueError(f"data.init_args.on_long={on_long!r}: use 'truncate' or 'error'")
         from lethe.records import RECORD_KINDS
@@ -173,8 +169,6 @@ class ForgetRetainDataModule(ModelDataModule):
             raise ValueError(f"data.init_args.kind={kind!r}: expected one of {', '.join(RECORD_KINDS)}")
         if retain_per_forget < 1:
             raise ValueError(f"data.init_args.retain_per_forget={retain_per_forget}: must be >= 1")
-        self.tokenizer = None
-        self.family = family
         self.max_len: int | None = max_length
         self.sets: dict[str, list[dict]] = {}
 

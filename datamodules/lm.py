@@ -86,10 +86,36 @@ def collate_examples(items: list[dict], tokenizer, family: str, max_length: int 
 
 class ModelDataModule(L.LightningDataModule):
     """A datamodule that tokenises for the model it feeds: the tokenizer and family come from the running
-    lethe LightningModule (a preset names the model once), or from ``tokenizer=`` / ``family=``."""
+    lethe LightningModule (a preset names the model once), or from ``tokenizer=`` / ``family=``.
+
+    Args (shared by every lethe datamodule; a subclass passes them on with ``**kwargs``, and the preset
+    and ``--print_config`` list them with the subclass's own):
+        batch_size: training batch size.
+        seed: shuffling and sampling seed.
+        num_workers: DataLoader worker processes.
+        tokenizer: a tokenizer to load instead of the running module's.
+        family: the model family (decoder / mlm / seq2seq) instead of the running module's.
+    """
 
     tokenizer = None
     family: str | None = None
+
+    def __init__(self, batch_size: int = 8, seed: int = 0, num_workers: int = 0, tokenizer: str | None = None,
+                 family: str | None = None) -> None:
+        super().__init__()
+        self.tokenizer = None
+        self.family = family
+        self._shared = {"batch_size": batch_size, "seed": seed, "num_workers": num_workers, "tokenizer": tokenizer,
+                        "family": family}
+
+    def save_all_hyperparameters(self) -> None:
+        """``save_hyperparameters`` for the subclass's own arguments and the shared ones above (whether they
+        came in ``**kwargs`` or took their defaults)."""
+        import inspect
+
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        for key, value in self._shared.items():
+            self.hparams.setdefault(key, value)
 
     def resolve_tokenizer(self):
         """Set ``self.tokenizer`` and ``self.family``; return the running module (None outside a trainer)."""
@@ -133,19 +159,13 @@ class LMDataModule(ModelDataModule):
         val_texts: list[str] | None = None,
         pairs: list[list[str]] | None = None,
         val_pairs: list[list[str]] | None = None,
-        batch_size: int = 8,
         eval_batch_size: int | None = None,
         max_length: int | None = 256,
         add_eos: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
-        tokenizer: str | None = None,
-        family: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.tokenizer = None
-        self.family = family
+        super().__init__(**kwargs)  # batch_size, seed, num_workers, tokenizer, family (ModelDataModule)
+        self.save_all_hyperparameters()
         self.splits: dict[str, ExampleDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:

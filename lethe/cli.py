@@ -154,6 +154,13 @@ class LetheCLI(LightningCLI):
     def before_fit(self) -> None:
         # a fit that really starts (fresh, resumed or continued) is not finished until it ends
         (Path(self.trainer.default_root_dir) / FINISHED).unlink(missing_ok=True)
+        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt:  # the CSV rows the interrupted run wrote after this checkpoint are replaced by the resumed run's
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+            step = resumed_log_step(path)
+            for logger in self.trainer.loggers:
+                if hasattr(logger, "resume_step"):
+                    logger.resume_step = step
 
     def after_fit(self) -> None:
         """Mark the run finished (stop rule or step budget reached), so resuming it later changes nothing."""
@@ -189,6 +196,25 @@ class LetheCLI(LightningCLI):
 
 class CheckpointError(ValueError):
     pass
+
+
+# Metrics callbacks log with step = trainer.global_step (the state after that many steps); Lightning logs a
+# training step's own metrics one lower (its count of batches stepped before that step), and a checkpoint
+# taken at global step N records N - 1 of them. After a resume from it, Lightning's rows up to N - 1 and these
+# prefixes' rows up to N are the interrupted run's valid ones; later rows are replaced by the resumed run's.
+AFTER_STEP_PREFIXES = ("forgetting/", "stop_rule/")
+
+
+def resumed_log_step(path: Path) -> int | None:
+    """The last logging step a checkpoint covers (Lightning's count of batches stepped it holds), or None."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- "best"/"hpc" names, or a file Lightning will report itself
+        return None
+    loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
@@ -241,6 +267,7 @@ def _csv_logger_class():
         """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
 
         _trimmed = False
+        resume_step: int | None = None  # set on a resumed run: rows logged after this checkpoint are replaced
         fresh = False  # a fresh run in an existing folder: the older metrics.csv is moved aside at the first write
 
         def _move_aside(self) -> None:
@@ -264,12 +291,26 @@ def _csv_logger_class():
             # The first row of a resumed run: rows the interrupted run logged at or after this step (after its last
             # checkpoint) are replaced by the ones this run logs, so every step stays in metrics.csv once.
             self._move_aside()
-            if not self._trimmed and step is not None and os.path.isfile(self.metrics_file_path):
+            if not self._trimmed and (step is not None or self.resume_step is not None) \
+                    and os.path.isfile(self.metrics_file_path):
                 from lethe.records import atomic_write
 
                 with open(self.metrics_file_path, newline="") as fh:
                     rows = list(csv.DictReader(fh))
-                keep = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+                if self.resume_step is None:
+                    keep = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+                else:
+                    n = self.resume_step
+
+                    def valid(r: dict) -> bool:
+                        if not r.get("step"):
+                            return True
+                        s = int(float(r["step"]))
+                        after_step = all(k == "step" or not v or k.startswith(AFTER_STEP_PREFIXES)
+                                         for k, v in r.items())
+                        return s <= n or (s == n + 1 and after_step)
+
+                    keep = [r for r in rows if valid(r)]
                 if len(keep) < len(rows):
                     import io
 
@@ -283,6 +324,7 @@ def _csv_logger_class():
 
     class RunCSVLogger(CSVLogger):
         fresh = False  # a fresh run (not a resume): an older metrics.csv is moved aside when logging starts
+        resume_step: int | None = None  # the resumed checkpoint's logging step (LetheCLI.before_fit)
 
         @property
         def experiment(self):
@@ -290,6 +332,7 @@ def _csv_logger_class():
                 self._fs.makedirs(self.root_dir, exist_ok=True)
                 self._experiment = AppendingWriter(log_dir=self.log_dir)
                 self._experiment.fresh = self.fresh
+                self._experiment.resume_step = self.resume_step
             return self._experiment
 
     return RunCSVLogger
