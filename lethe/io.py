@@ -45,6 +45,10 @@ def atomic_path(dest: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         # open()/mkdir() would have had, so a shared results or model folder stays readable
         if tmp.exists():
             tmp.chmod((0o777 if is_dir else 0o666) & ~_umask())
+        if is_dir:  # and what was written inside (some writers, safetensors among them, create 0600 files)
+            for sub in tmp.rglob("*"):
+                if not sub.is_symlink():
+                    sub.chmod((0o777 if sub.is_dir() else 0o666) & ~_umask())
         if is_dir and dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)

@@ -5,6 +5,8 @@ world facts."""
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -57,9 +59,12 @@ class ListData(L.LightningDataModule):
 
 
 def fit(module, reqs=REQS, steps=3, batch_size=4, **trainer_kw):
+    import tempfile
+
     kw = {"accelerator": "cpu", "devices": 1, "max_steps": steps, "logger": False, "enable_checkpointing": False,
           "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-          "use_distributed_sampler": False}
+          "use_distributed_sampler": False,
+          "default_root_dir": tempfile.mkdtemp(prefix="lethe-test-")}  # the exported editor goes there, not to cwd
     kw.update(trainer_kw)
     kw["callbacks"] = [*kw.get("callbacks", []), CleanDistributedExit()]
     trainer = L.Trainer(**kw)
@@ -134,6 +139,9 @@ def test_checkpoint_reloads_to_identical_edits_and_refuses_others(tiny_dirs, tmp
     # the editor exported at the end of the fit (safetensors + JSON, no pickle) edits identically
     exported = tmp_path / "run" / "editor"
     assert sorted(p.name for p in exported.iterdir()) == ["editor.json", "editor.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in exported.iterdir())  # not safetensors' 0600
     art3 = MENDEditor(str(exported)).edit(load_model(tiny_dirs["gpt2"]), REQS[:2])
     assert all(torch.equal(art.deltas[k], art3.deltas[k]) for k in art.deltas)
     art.revert(fresh.model)
