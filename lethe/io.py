@@ -87,12 +87,11 @@ def cache_root(override: str | os.PathLike | None = None) -> Path:
 
 
 def tofu_dir(override: str | os.PathLike | None = None) -> Path:
-    """Where TOFU's JSON files are: the argument, else $LETHE_TOFU_DIR, else ``shared/data/tofu`` beside this
-    checkout (the project's layout), else ``/work/shared/data/tofu``. Not checked for existence here."""
+    """Where a local copy of TOFU's JSON files is: the argument, else $LETHE_TOFU_DIR, else ``shared/data/tofu``
+    beside this checkout (the project's layout). Not checked for existence here."""
     if override or os.environ.get("LETHE_TOFU_DIR"):
         return Path(override or os.environ["LETHE_TOFU_DIR"])
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
-    return beside if beside.is_dir() else Path("/work/shared/data/tofu")
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 
 @contextlib.contextmanager

@@ -539,11 +539,18 @@ _READERS: dict[str, Callable[..., list]] = {
 
 
 def read_records(path: str | os.PathLike, kind: str, **kwargs: Any) -> list:
-    """Read ``path`` as records of ``kind`` (one of :data:`RECORD_KINDS`)."""
+    """Read ``path`` as records of ``kind`` (one of :data:`RECORD_KINDS`). ``tofu:<split>`` (e.g.
+    ``tofu:forget10``) names a TOFU split, loaded as users load it (:func:`lethe.tofu.load_tofu`)."""
     try:
         reader = _READERS[kind]
     except KeyError:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}") from None
+    if str(path).startswith("tofu:"):
+        if kind != "tofu":
+            raise ValueError(f"{path}: a TOFU split holds question/answer records: use kind 'tofu', not {kind!r}")
+        from lethe.tofu import load_tofu
+
+        return load_tofu(str(path)[len("tofu:"):])
     return reader(path, **kwargs)
 
 

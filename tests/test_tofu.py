@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,3 +53,30 @@ def test_evaluate_set_on_tiny_model(tmp_path):
     assert 0.0 <= out["rougeL_recall"] <= 1.0
     real = tofu.evaluate_set(loaded.model, loaded.tokenizer, recs, "real_authors", max_new_tokens=4)
     assert 0 < real["prob"] < 1
+
+
+def test_tofu_splits_load_by_name_from_the_local_folder_when_offline(tmp_path, monkeypatch):
+    """``tofu:<split>`` loads a split as users do (the hub); offline it reads $LETHE_TOFU_DIR, naming what failed."""
+    from lethe.records import QARecord, read_records, write_records
+
+    recs = [QARecord(question=f"Who wrote book {i}?", answer=f"Author {i}.") for i in range(3)]
+    write_records(recs, tmp_path / "forget10.json", "tofu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LETHE_TOFU_DIR", str(tmp_path))
+    got = read_records("tofu:forget10", "tofu")
+    assert [(r.question, r.answer) for r in got] == [(r.question, r.answer) for r in recs]
+    with pytest.raises(FileNotFoundError, match=r"'retain90'.*HF_HUB_OFFLINE.*retain90.json.*LETHE_TOFU_DIR"):
+        read_records("tofu:retain90", "tofu")
+    with pytest.raises(ValueError, match="use kind 'tofu'"):
+        read_records("tofu:forget10", "text")
+
+
+def test_no_committed_config_or_result_names_a_path_of_this_machine():
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for folder in ("configs", "benchmarks/results"):
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".yaml", ".yml", ".json", ".md", ".txt", ".csv"):
+                text = path.read_text(errors="replace")
+                bad += [f"{path.relative_to(root)}: {m}" for m in ("/work/", "/root/", "/home/", "/tmp/") if m in text]
+    assert not bad, bad
