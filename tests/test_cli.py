@@ -284,7 +284,7 @@ def test_readme_main_job_killed_after_30_s_resumes_from_its_checkpoint(tmp_path)
     from lethe.world_models import ensure_world_model
 
     ensure_world_model("decoder", progress=False)  # a first build is not part of the 30 s
-    preset = ROOT / "configs" / "unlearn" / "world_decoder_graddiff.yaml"
+    preset = ROOT / "configs" / "unlearn" / "world_decoder_npo.yaml"
     common = ["--run.root", str(tmp_path / "runs"), "--model.init_args.save_dir", str(tmp_path / "model")]
     env = {**_env(), "OMP_NUM_THREADS": "2"}
     with open(tmp_path / "first.log", "w") as log:
@@ -294,7 +294,7 @@ def test_readme_main_job_killed_after_30_s_resumes_from_its_checkpoint(tmp_path)
         proc.kill()
         proc.wait()
     assert proc.returncode == -9, (tmp_path / "first.log").read_text()[-3000:]
-    run = tmp_path / "runs" / "world_decoder_graddiff"
+    run = tmp_path / "runs" / "world_decoder_npo"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), (tmp_path / "first.log").read_text()[-3000:]
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"]
