@@ -25,45 +25,6 @@ import torch
 
 from lethe import lm
 
-TOFU_HUB = "locuslab/TOFU"
-
-
-def load_tofu(split: str, directory: str | None = None) -> list:
-    """The TOFU split ``split`` (``forget10``, ``retain90``, ``world_facts`` ...) as ``QARecord`` s, loaded as
-    users load it: ``datasets.load_dataset("locuslab/TOFU", split)`` (the hub, or its local cache); when the
-    hub is out of reach (HF_HUB_OFFLINE, no network) or fails, the local folder ``lethe.io.tofu_dir`` (the
-    ``directory`` argument, $LETHE_TOFU_DIR, or ``shared/data/tofu`` beside the checkout). Both paths go
-    through the same record checks, so an error names the file or split, record and field."""
-    import json
-    import tempfile
-    import warnings
-    from pathlib import Path
-
-    from lethe.io import tofu_dir
-    from lethe.models import offline_reason
-    from lethe.records import read_records
-
-    if not split or "/" in split:
-        raise ValueError(f"tofu:{split}: name a TOFU split, e.g. tofu:forget10, tofu:retain90, tofu:world_facts")
-    local = tofu_dir(directory) / f"{split}.json"
-    reason = "a local folder was given" if directory else offline_reason()
-    if reason is None:
-        try:
-            import datasets
-
-            rows = datasets.load_dataset(TOFU_HUB, split, split="train").to_list()
-            with tempfile.TemporaryDirectory(prefix="lethe-tofu-") as tmp:
-                path = Path(tmp) / f"{split}.jsonl"
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                return read_records(path, "tofu")
-        except Exception as err:  # noqa: BLE001 -- an unknown split, a hub error: the local copy decides
-            reason = f"the hub failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            warnings.warn(f"TOFU {split}: {reason}; reading {local}", stacklevel=2)
-    if not local.is_file():
-        raise FileNotFoundError(f"TOFU split {split!r}: not loaded from the hub ({reason}) and there is no {local}; "
-                                "set LETHE_TOFU_DIR to a folder holding TOFU's JSON files")
-    return read_records(local, "tofu")
-
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 
 
