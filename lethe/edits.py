@@ -113,6 +113,11 @@ class EditArtifact:
                     f"parameter {name!r} has shape {tuple(params[name].shape)} here but the {self.method} edit "
                     f"(made on {self.model_source}) has a delta of shape {tuple(delta.shape)}")
 
+    def changed_bases(self, model: nn.Module) -> list[str]:
+        """The edited parameters whose values in ``model`` differ from those this edit was computed on."""
+        params = _params(model)
+        return [n for n, fp in self.base_fingerprints.items() if n in params and fingerprint(params[n]) != fp]
+
     def is_applied(self, model: nn.Module) -> bool:
         return id(unwrap(model)) in self._originals
 
@@ -124,9 +129,8 @@ class EditArtifact:
         if key in self._originals:
             raise EditArtifactError("this edit is already applied to this model; revert it first")
         params = _params(model)
-        if check_base and self.base_fingerprints:
-            changed = [n for n, fp in self.base_fingerprints.items()
-                       if n in params and fingerprint(params[n]) != fp]
+        if check_base:
+            changed = self.changed_bases(model)
             if changed:
                 warnings.warn(f"the weights of {changed} differ from those the {self.method} edit was computed "
                               "on (another model, or other edits applied first); applying anyway", stacklevel=2)

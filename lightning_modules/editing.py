@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lethe.edit_cli import build_editor
-from lethe.edits import EditArtifact, fingerprint, load_weights
+from lethe.edits import EditArtifact, load_weights
 from lethe.io import write_json
 from lethe.models import LoadedModel
 from lightning_modules.base import ModelModule
@@ -74,7 +74,7 @@ class EditingModule(ModelModule):
                 raise ValueError(f"{path} holds a run of another model or editor; remove it or set resume=false")
             params = dict(self.model.named_parameters())
             total.check(self.model)
-            changed = [n for n, fp in total.base_fingerprints.items() if n in params and fingerprint(params[n]) != fp]
+            changed = total.changed_bases(self.model)
             if changed:
                 raise ValueError(f"{path} was made on other weights of {changed} than {self.model_source} has now; "
                                  "remove it or set model.init_args.resume=false")
