@@ -96,17 +96,18 @@ class ResumableLoader(DataLoader):
         self._resume = int(state.get("batches_served", 0))
 
 
-def _token_length(tokenizer, example: dict) -> int:
+def _token_length(tokenizer, example: dict, prompt_format: str | None = None) -> int:
     if "text" in example:
         return len(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
-    return len(tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]) + len(
-        tokenizer(lm.target_text(example["target"]), add_special_tokens=False)["input_ids"]) + 1
+    prompt = lm.format_prompt(tokenizer, example["prompt"], prompt_format) if example["prompt"] else ""
+    return len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) + len(
+        tokenizer(lm.target_text(example["target"], prompt), add_special_tokens=False)["input_ids"]) + 1
 
 
 def collate_paired(items: list[dict], tokenizer, family: str, max_length: int | None, seed: int,
-                   add_eos: bool) -> dict:
+                   add_eos: bool, prompt_format: str | None = None) -> dict:
     enc = partial(collate_examples, tokenizer=tokenizer, family=family, max_length=max_length, seed=seed,
-                  add_eos=add_eos)
+                  add_eos=add_eos, prompt_format=prompt_format)
     batch = {"forget": enc([it["forget"] for it in items])}
     if "retain" in items[0]:
         batch["retain"] = enc([r for it in items for r in it["retain"]])
@@ -191,9 +192,9 @@ class ForgetRetainDataModule(ModelDataModule):
             return
         self._resolve()
         h = self.hparams
-        forget = load_examples(h.forget, h.kind, h.forget_texts, h.forget_pairs)
-        retain = load_examples(h.retain, h.kind, h.retain_texts, h.retain_pairs)
-        unseen = load_examples(h.unseen, h.kind, h.unseen_texts, h.unseen_pairs)
+        forget = load_examples(h.forget, h.kind, h.forget_texts, h.forget_pairs, h.tofu_subset)
+        retain = load_examples(h.retain, h.kind, h.retain_texts, h.retain_pairs, h.tofu_subset)
+        unseen = load_examples(h.unseen, h.kind, h.unseen_texts, h.unseen_pairs, h.tofu_subset)
         if h.builtin:
             sets = builtin_sets(h.builtin, h.n_forget, h.n_retain, h.n_unseen, h.seed)
             forget += [{"text": t} for t in sets["forget"]]
@@ -217,7 +218,8 @@ class ForgetRetainDataModule(ModelDataModule):
     def _check_lengths(self, name: str, examples: list[dict]) -> None:
         if self.max_len is None:
             return
-        long = [i for i, e in enumerate(examples) if _token_length(self.tokenizer, e) > self.max_len]
+        long = [i for i, e in enumerate(examples)
+                if _token_length(self.tokenizer, e, self.hparams.prompt_format) > self.max_len]
         if not long:
             return
         msg = (f"{len(long)} {name} example(s) are longer than {self.max_len} tokens (first: #{long[0]}): "
@@ -235,13 +237,13 @@ class ForgetRetainDataModule(ModelDataModule):
     def _collate(self):
         h = self.hparams
         return partial(collate_examples, tokenizer=self.tokenizer, family=self.family, max_length=self.max_len,
-                       seed=h.seed, add_eos=h.add_eos)
+                       seed=h.seed, add_eos=h.add_eos, prompt_format=h.prompt_format)
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         ds = PairedDataset(self.sets["forget"], self.sets["retain"], h.seed, h.retain_per_forget)
         collate = partial(collate_paired, tokenizer=self.tokenizer, family=self.family, max_length=self.max_len,
-                          seed=h.seed, add_eos=h.add_eos)
+                          seed=h.seed, add_eos=h.add_eos, prompt_format=h.prompt_format)
         # A DistributedSampler even on one process: its order is a function of (seed, epoch) -- Lightning calls
         # set_epoch -- so a resumed run replays the same epochs, and under DDP each rank gets its own shard.
         trainer = self.trainer

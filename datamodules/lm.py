@@ -44,13 +44,13 @@ def examples_from_records(records) -> list[dict]:
 
 
 def load_examples(paths: str | Sequence[str] | None, kind: str, texts: Sequence[str] | None = None,
-                  pairs: Sequence[Sequence[str]] | None = None) -> list[dict]:
+                  pairs: Sequence[Sequence[str]] | None = None, tofu_subset: str | None = None) -> list[dict]:
     examples: list[dict] = []
     if paths:
         from lethe.records import read_records
 
         for p in [paths] if isinstance(paths, str) else paths:
-            examples += examples_from_records(read_records(p, kind))
+            examples += examples_from_records(read_records(p, kind, tofu_subset=tofu_subset))
     examples += [{"text": t} for t in texts or []]
     examples += [{"prompt": p, "target": t} for p, t in pairs or []]
     return examples
@@ -69,7 +69,7 @@ def world_examples(split: str | None) -> list[dict]:
 
 
 def collate_examples(items: list[dict], tokenizer, family: str, max_length: int | None, seed: int,
-                     add_eos: bool = True) -> dict:
+                     add_eos: bool = True, prompt_format: str | None = None) -> dict:
     if all("text" in it for it in items):
         # Masks for MLM depend on the examples' indices only: the same batch always gets the same masks,
         # so a resumed run sees exactly what an uninterrupted one would.
@@ -77,7 +77,8 @@ def collate_examples(items: list[dict], tokenizer, family: str, max_length: int 
                                 seed=seed + sum(it["index"] for it in items))
     elif all("prompt" in it for it in items):
         batch = lm.encode_pairs(tokenizer, family, [it["prompt"] for it in items],
-                                [it["target"] for it in items], max_length=max_length, add_eos=add_eos)
+                                [it["target"] for it in items], max_length=max_length, add_eos=add_eos,
+                                prompt_format=prompt_format)
     else:
         raise ValueError("a batch mixes plain texts and prompt/target pairs; keep one kind per dataset")
     batch["index"] = __import__("torch").tensor([it["index"] for it in items])
@@ -95,18 +96,31 @@ class ModelDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         tokenizer: a tokenizer to load instead of the running module's.
         family: the model family (decoder / mlm / seq2seq) instead of the running module's.
+        prompt_format: how a question / prompt is put to the model: None (as it is), ``chat`` (the tokenizer's
+            chat template, one user turn) or a format string holding ``{prompt}`` (lethe.lm.format_prompt).
+        tofu_subset: which TOFU authors ``tofu:<split>`` records keep (lethe.records.TOFU_SUBSETS: ``full``, ``cpu40``).
     """
 
     tokenizer = None
     family: str | None = None
 
     def __init__(self, batch_size: int = 8, seed: int = 0, num_workers: int = 0, tokenizer: str | None = None,
-                 family: str | None = None) -> None:
+                 family: str | None = None, prompt_format: str | None = None, tofu_subset: str = "full") -> None:
         super().__init__()
         self.tokenizer = None
         self.family = family
+        if prompt_format and prompt_format != "chat" and "{prompt}" not in prompt_format:
+            from lethe.lm import PROMPT_FORMATS
+
+            raise ValueError(f"data.init_args.prompt_format={prompt_format!r}: use {PROMPT_FORMATS}")
+        from lethe.records import subset_authors
+
+        try:
+            subset_authors(tofu_subset)
+        except ValueError as err:
+            raise ValueError(f"data.init_args.{err}") from None
         self._shared = {"batch_size": batch_size, "seed": seed, "num_workers": num_workers, "tokenizer": tokenizer,
-                        "family": family}
+                        "family": family, "prompt_format": prompt_format, "tofu_subset": tofu_subset}
 
     def save_all_hyperparameters(self) -> None:
         """``save_hyperparameters`` for the subclass's own arguments and the shared ones above (whether they
@@ -172,17 +186,17 @@ class LMDataModule(ModelDataModule):
         self.resolve_tokenizer()
         h = self.hparams
         if "train" not in self.splits:
-            train = load_examples(h.train, h.kind, h.texts, h.pairs) + world_examples(h.world)
+            train = load_examples(h.train, h.kind, h.texts, h.pairs, h.tofu_subset) + world_examples(h.world)
             if stage in (None, "fit") and not train:
                 raise ValueError("the training set is empty: give train files, texts or pairs")
             self.splits["train"] = ExampleDataset(train)
-            self.splits["val"] = ExampleDataset(load_examples(h.val, h.kind, h.val_texts, h.val_pairs))
-            self.splits["test"] = ExampleDataset(load_examples(h.test, h.kind))
+            self.splits["val"] = ExampleDataset(load_examples(h.val, h.kind, h.val_texts, h.val_pairs, h.tofu_subset))
+            self.splits["test"] = ExampleDataset(load_examples(h.test, h.kind, tofu_subset=h.tofu_subset))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         h = self.hparams
         collate = partial(collate_examples, tokenizer=self.tokenizer, family=self.family,
-                          max_length=h.max_length, seed=h.seed, add_eos=h.add_eos)
+                          max_length=h.max_length, seed=h.seed, add_eos=h.add_eos, prompt_format=h.prompt_format)
         bs = h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size)
         return DataLoader(self.splits[split], batch_size=bs, shuffle=shuffle, collate_fn=collate,
                           num_workers=h.num_workers)

@@ -25,9 +25,30 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def target_text(target: str) -> str:
-    """Targets are stored without a leading space; BPE tokenizers need it in front."""
-    return " " + target.strip()
+def target_text(target: str, prompt: str = "") -> str:
+    """Targets are stored without a leading space; BPE tokenizers need it in front -- unless the (formatted)
+    prompt already ends in white space (a chat template's ``assistant\\n``, ``Answer: ``)."""
+    return target.strip() if prompt[-1:].isspace() else " " + target.strip()
+
+
+PROMPT_FORMATS = "'chat' (the tokenizer's chat template, one user turn) or a string holding {prompt}"
+
+
+def format_prompt(tokenizer, prompt: str, prompt_format: str | None = None) -> str:
+    """``prompt`` as the model is asked it: unchanged (``None``), in the tokenizer's chat template as one user
+    turn with the assistant's turn opened (``"chat"``), or through a format string holding ``{prompt}``
+    (TOFU's own ``"Question: {prompt}\\nAnswer:"``)."""
+    if not prompt_format:
+        return prompt
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise EncodingError("prompt_format 'chat': this tokenizer has no chat template; give a format string "
+                                "such as 'Question: {prompt}\\nAnswer:'")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    if "{prompt}" not in prompt_format:
+        raise EncodingError(f"prompt_format={prompt_format!r}: use {PROMPT_FORMATS}")
+    return prompt_format.replace("{prompt}", prompt)
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -64,8 +85,10 @@ def encode_pairs(
     targets: Sequence[str],
     max_length: int | None = None,
     add_eos: bool = False,
+    prompt_format: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Encode prompt/target pairs for scoring or training (see the module docstring)."""
+    """Encode prompt/target pairs for scoring or training (see the module docstring); ``prompt_format``
+    (:func:`format_prompt`) wraps each prompt, e.g. in the model's chat template."""
     if len(prompts) != len(targets):
         raise EncodingError(f"{len(prompts)} prompts but {len(targets)} targets")
     if not prompts:
@@ -73,7 +96,8 @@ def encode_pairs(
     rows_in, rows_lab = [], []
     prefix, suffix = _bos_prefix(tokenizer), _suffix(tokenizer)
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
-        tgt = _ids(tokenizer, target_text(target), False)
+        prompt = format_prompt(tokenizer, prompt, prompt_format) if prompt else prompt
+        tgt = _ids(tokenizer, target_text(target, prompt), False)
         if not tgt:
             raise EncodingError(f"target {target!r} (pair {i}) tokenises to nothing")
         if add_eos and tokenizer.eos_token_id is not None and family != "mlm":
@@ -189,9 +213,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str) -> t
     """Per-target-token log-probabilities and the mask of target positions."""
     lg, lb = aligned(logits, labels, family)
     mask = lb != IGNORE
-    logp = torch.log_softmax(lg.float(), dim=-1)
-    tok = logp.gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return tok * mask, mask
+    # normalise at the target positions only: a full-vocabulary fp32 log-softmax over every position of a batch
+    # (32 x 100 x 49k for SmolLM2: 630 MB) costs more than the scores need
+    sel = lg[mask].float()
+    picked = sel.gather(-1, lb[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sel, dim=-1)
+    tok = torch.zeros(mask.shape, dtype=picked.dtype, device=lg.device).masked_scatter(mask, picked)
+    return tok, mask
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:

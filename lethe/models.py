@@ -77,7 +77,7 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
 def _import_alias_providers() -> None:
     # Modules that register aliases; imported lazily so that loading a plain path stays cheap.
-    for mod in ("lethe.world_models", "lethe.smollm2"):
+    for mod in ("lethe.world_models", "lethe.smollm2", "lethe.tofu"):
         try:
             __import__(mod)
         except ImportError:

@@ -20,9 +20,11 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -540,7 +542,9 @@ _READERS: dict[str, Callable[..., list]] = {
 
 def read_records(path: str | os.PathLike, kind: str, **kwargs: Any) -> list:
     """Read ``path`` as records of ``kind`` (one of :data:`RECORD_KINDS`). ``tofu:<split>`` (e.g.
-    ``tofu:forget10``) names a TOFU split, loaded as users load it (:func:`load_tofu`)."""
+    ``tofu:forget10``) names a TOFU split, loaded as users load it (:func:`load_tofu`), restricted to the
+    authors of ``tofu_subset`` (:data:`TOFU_SUBSETS`; ``full`` or None: all 200); ``tofu:forget05[:2]``
+    keeps the split's first two authors (a slice of its authors, in order)."""
     try:
         reader = _READERS[kind]
     except KeyError:
@@ -548,7 +552,13 @@ def read_records(path: str | os.PathLike, kind: str, **kwargs: Any) -> list:
     if str(path).startswith("tofu:"):
         if kind != "tofu":
             raise ValueError(f"{path}: a TOFU split holds question/answer records: use kind 'tofu', not {kind!r}")
-        return load_tofu(str(path)[len("tofu:"):])
+        split, authors = parse_split(str(path)[len("tofu:"):])
+        records = load_tofu(split)
+        subset = kwargs.get("tofu_subset")
+        if subset and subset != "full":
+            records = subset_records(records, split, subset)
+        return author_slice(records, split, authors) if authors else records
+    kwargs.pop("tofu_subset", None)
     return reader(path, **kwargs)
 
 
@@ -589,6 +599,87 @@ def load_tofu(split: str, directory: str | None = None) -> list:
         raise FileNotFoundError(f"TOFU split {split!r}: not loaded from the hub ({reason}) and there is no {local}; "
                                 "set LETHE_TOFU_DIR to a folder holding TOFU's JSON files")
     return read_records(local, "tofu")
+
+
+# --------------------------------------------------------------------------- TOFU's authors: subsets and slices
+
+# TOFU's 200 fictitious authors hold 20 questions each, in full.json's order; forget01 / forget05 / forget10 are
+# the last 2 / 10 / 20 authors, retain99 / 95 / 90 the others; retain_perturbed (the retain set's evaluation
+# questions) lies within the first 23 authors. A subset keeps some authors: its retain authors come first (so
+# retain_perturbed stays whole), its forget authors last (so forget01 and forget05 stay whole).
+TOFU_SUBSETS: dict[str, dict] = {
+    "full": {"authors": None, "forget_splits": ("forget01", "forget05", "forget10"),
+             "about": "TOFU as published: 200 authors (4,000 questions)"},
+    "cpu40": {"authors": (range(30), range(190, 200)), "forget_splits": ("forget01", "forget05"),
+              "about": "40 authors (800 questions): retain authors 1-30, forget authors 191-200 "
+                       "(forget05 = all 10, forget01 = the last 2)"},
+}
+QUESTIONS_PER_AUTHOR = 20
+
+
+def _author_of() -> dict[str, int]:
+    """question -> TOFU author index (0-199, full.json's order), from wherever TOFU loads now."""
+    from lethe.io import tofu_dir
+
+    return _author_index(str(tofu_dir()))
+
+
+@lru_cache(maxsize=4)
+def _author_index(_where: str) -> dict[str, int]:
+    from lethe.records import load_tofu
+
+    return {r.question: i // QUESTIONS_PER_AUTHOR for i, r in enumerate(load_tofu("full"))}
+
+
+def subset_authors(subset: str) -> set[int] | None:
+    if subset not in TOFU_SUBSETS:
+        raise ValueError(f"tofu_subset={subset!r}: use one of {', '.join(TOFU_SUBSETS)}")
+    spans = TOFU_SUBSETS[subset]["authors"]
+    return None if spans is None else {a for span in spans for a in span}
+
+
+def subset_records(records: list, split: str, subset: str) -> list:
+    """The records of TOFU split ``split`` whose author is in ``subset``; questions of no TOFU author (real
+    authors, world facts) pass. A forget split must be whole in the subset (else it would shrink silently)."""
+    keep = subset_authors(subset)
+    if keep is None:
+        return list(records)
+    author = _author_of()
+    out = [r for r in records if author.get(r.question) is None or author[r.question] in keep]
+    if split.startswith("forget") and len(out) < len(records):
+        raise ValueError(f"tofu:{split} has {len(records) - len(out)} of its {len(records)} questions outside "
+                         f"tofu_subset {subset!r} ({TOFU_SUBSETS[subset]['about']}): use "
+                         f"{' or '.join(TOFU_SUBSETS[subset]['forget_splits'])}, or tofu_subset: full")
+    return out
+
+
+def parse_split(spec: str) -> tuple[str, slice | None]:
+    """``forget05[:2]`` -> ("forget05", slice(None, 2)): a TOFU split and an optional slice of its authors."""
+    m = re.fullmatch(r"([A-Za-z0-9_]+)(?:\[(-?\d*):(-?\d*)\])?", spec)
+    if not m:
+        raise ValueError(f"tofu:{spec}: name a TOFU split, optionally with a slice of its authors "
+                         "(tofu:forget10, tofu:forget05[:2])")
+    if m.group(2) is None and m.group(3) is None and "[" not in spec:
+        return m.group(1), None
+    to_int = lambda x: int(x) if x else None
+    return m.group(1), slice(to_int(m.group(2)), to_int(m.group(3)))
+
+
+def author_slice(records: list, split: str, authors: slice) -> list:
+    """The records of the split's authors ``authors`` (counted in the split's order)."""
+    author = _author_of()
+    order: list[int] = []
+    for r in records:
+        a = author.get(r.question)
+        if a is None:
+            raise ValueError(f"tofu:{split}: its questions belong to no TOFU author; an author slice needs one")
+        if a not in order:
+            order.append(a)
+    keep = set(order[authors])
+    out = [r for r in records if author[r.question] in keep]
+    if not out:
+        raise ValueError(f"tofu:{split}[{authors.start or ''}:{authors.stop or ''}]: no author of its {len(order)}")
+    return out
 
 
 # --------------------------------------------------------------------------- writers

@@ -15,6 +15,8 @@ are the arguments a preset sets (``model.init_args.method_args`` / ``retain_args
 ``npo``        NPO (beta 0.1)                         none                 yes (forget)
 ``simnpo``     SimNPO (beta 2.5, gamma 0)             none                 no
 ``rmu``        RMU steering (layer, stack, coef, seed) rmu activation match yes (retain)
+``undial``     UNDIAL self-distillation (beta 10)     none                 yes (forget)
+``idk_dpo``    DPO to a refusal (beta, refusals)      none                 yes (forget)
 =============  =====================================  ===================  ===============
 
 Adding an objective (UNDIAL, say) is one registered class (or function ``f(ctx, batch, **args)``) here or
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lethe import lm
+from lethe.checks import ModuleConfigError
 from lethe.registry import Registry
 
 
@@ -96,6 +99,30 @@ def simnpo(logp: torch.Tensor, n_tokens: torch.Tensor, beta: float = 2.5, gamma:
     return -(2.0 / beta) * F.logsigmoid(-beta * norm - gamma).mean()
 
 
+def dpo(win_logp: torch.Tensor, ref_win_logp: torch.Tensor, lose_logp: torch.Tensor, ref_lose_logp: torch.Tensor,
+        beta: float = 0.1) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023) as unlearning uses it (IdkDPO, Maini et al. 2024):
+    -(2/beta) E log sigmoid(beta ((log pi(w) - log ref(w)) - (log pi(l) - log ref(l)))), w the refusal, l the
+    forget answer (summed log-likelihoods). Without the refusal term it is NPO."""
+    margin = (win_logp - ref_win_logp) - (lose_logp - ref_lose_logp)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
+def undial(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, family: str,
+           beta: float = 10.0) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2024): self-distillation towards the frozen model's distribution with the forget
+    token's logit lowered by ``beta``; cross-entropy to those soft targets, averaged over the target tokens.
+    The teacher never moves, so the loss is bounded (no collapse as under gradient ascent)."""
+    lg, lb = lm.aligned(logits, labels, family)
+    rlg, _ = lm.aligned(ref_logits, labels, family)
+    mask = lb != lm.IGNORE
+    if not mask.any():
+        return logits.sum() * 0.0
+    teacher = rlg[mask].float()
+    teacher = teacher - beta * F.one_hot(lb[mask], teacher.shape[-1]).to(teacher.dtype)
+    return -(torch.softmax(teacher, -1) * torch.log_softmax(lg[mask].float(), -1)).sum(-1).mean()
+
+
 def masked_mean_sq(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the masked positions of the mean squared entry (RMU's MSE over tokens)."""
     m = mask.to(diff.dtype).unsqueeze(-1)
@@ -126,7 +153,7 @@ RETAIN = Registry("unlearning retain objective")
 METHODS: dict[str, tuple[str, str]] = {"graddiff": ("ga", "nll"), "ga_kl": ("ga", "kl")}
 
 
-class UnlearningConfigError(ValueError):
+class UnlearningConfigError(ModuleConfigError):
     pass
 
 
@@ -249,6 +276,88 @@ class SimNPO(Objective):
         logits = ctx.logits(ctx.model, batch)
         logp, n = sequence_logprob(logits, batch["labels"], ctx.family)
         return simnpo(logp, n, self.beta, self.gamma), {"forget_nll": _logged_nll(logits, batch, ctx.family)}
+
+
+@FORGET.register("undial")
+@dataclass
+class UNDIAL(Objective):
+    """UNDIAL (Dong et al. 2024): distil the frozen model with the forget tokens' logits lowered by beta."""
+
+    beta: float = 10.0
+    needs_reference: ClassVar[bool] = True
+
+    def __call__(self, ctx, batch):
+        logits, ref_logits = with_reference(ctx, ctx.logits, batch)
+        return undial(logits, ref_logits, batch["labels"], ctx.family, self.beta), {
+            "forget_nll": _logged_nll(logits, batch, ctx.family)}
+
+
+@FORGET.register("idk_dpo")
+@dataclass
+class IdkDPO(Objective):
+    """IdkDPO (TOFU, Maini et al. 2024): DPO preferring a refusal ("I don't know"-style, ``refusals``: a file of
+    one per line, default lethe's list) to the forget answer, against the frozen reference. Decoder models:
+    the refusal replaces the answer tokens after the same prompt; example i gets refusal (i + seed) mod n."""
+
+    beta: float = 0.1
+    refusals: str | None = None
+    seed: int = 0
+    needs_reference: ClassVar[bool] = True
+
+    def setup(self, ctx) -> None:
+        if ctx.family != "decoder":
+            raise UnlearningConfigError(f"method 'idk_dpo' needs a decoder model (this one is {ctx.family!r}): the "
+                                        "refusal replaces the answer after the prompt")
+        self._refusals = load_refusals(self.refusals)
+        tok = ctx.tokenizer
+        # as the answer would be tokenised after a prompt ending in white space (a chat turn) or not
+        self._ids = {after_space: [tok(lm.target_text(r, " " if after_space else ""), add_special_tokens=False)[
+            "input_ids"] for r in self._refusals] for after_space in (True, False)}
+
+    def refusal_batch(self, ctx, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with every answer replaced by a refusal (prompt tokens kept, EOS kept if the answer had it)."""
+        tok = ctx.tokenizer
+        rows_in, rows_lab = [], []
+        index = batch.get("index")
+        for i in range(batch["input_ids"].shape[0]):
+            real = batch["attention_mask"][i].bool()
+            ids, lab = batch["input_ids"][i][real].tolist(), batch["labels"][i][real].tolist()
+            n_prompt = next((j for j, v in enumerate(lab) if v != lm.IGNORE), len(lab))
+            k = (int(index[i]) if index is not None else i) + self.seed
+            after_space = n_prompt > 0 and tok.decode(ids[n_prompt - 1:n_prompt])[-1:].isspace()
+            refusal = list(self._ids[after_space][k % len(self._refusals)])
+            if tok.eos_token_id is not None and lab and lab[-1] == tok.eos_token_id:
+                refusal.append(tok.eos_token_id)
+            rows_in.append(ids[:n_prompt] + refusal)
+            rows_lab.append([lm.IGNORE] * n_prompt + refusal)
+        out = lm.collate(rows_in, rows_lab, tok.pad_token_id)
+        return {k: v.to(batch["input_ids"].device) for k, v in out.items()}
+
+    def __call__(self, ctx, batch):
+        win = self.refusal_batch(ctx, batch)
+        lose_logits, ref_lose_logits = with_reference(ctx, ctx.logits, batch)
+        win_logits, ref_win_logits = with_reference(ctx, ctx.logits, win)
+        lp = lambda lg, b: sequence_logprob(lg, b["labels"], ctx.family)[0]
+        loss = dpo(lp(win_logits, win), lp(ref_win_logits, win), lp(lose_logits, batch), lp(ref_lose_logits, batch),
+                   self.beta)
+        return loss, {"forget_nll": _logged_nll(lose_logits, batch, ctx.family),
+                      "refusal_nll": _logged_nll(win_logits, win, ctx.family)}
+
+
+def load_refusals(path: str | None = None) -> list[str]:
+    """Refusal answers, one per line (blank lines and ``#`` comments skipped): ``path`` or lethe's list."""
+    from pathlib import Path
+
+    from lethe.io import REFUSALS
+
+    source = Path(path) if path else REFUSALS
+    if not source.is_file():
+        raise UnlearningConfigError(f"method_args.refusals={path!r}: no such file")
+    lines = [ln.strip() for ln in source.read_text().splitlines()]
+    refusals = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not refusals:
+        raise UnlearningConfigError(f"{source}: no refusals in it (one per line)")
+    return refusals
 
 
 @FORGET.register("rmu")

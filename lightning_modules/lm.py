@@ -6,6 +6,8 @@ and as the constrained fine-tuning baseline of the editing benchmarks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lethe import lm
@@ -14,7 +16,15 @@ from lightning_modules.base import ModelModule
 
 
 class LanguageModelModule(ModelModule):
-    """Minimise the target-token cross-entropy of ``{input_ids, attention_mask, labels}`` batches."""
+    """Minimise the target-token cross-entropy of ``{input_ids, attention_mask, labels}`` batches.
+
+    Args:
+        model: hub name, local folder or ``lethe:`` alias.
+        lr, weight_decay: AdamW; ``warmup_steps`` of linear warm-up, then constant or (``decay``) linear to 0.
+        lora: None for full fine-tuning, else LoraConfig arguments (``r``, ``lora_alpha``, ``target_modules``).
+        save_dir / save_mode: where the trained model goes at the end of fit: ``full`` (or ``merged`` for a LoRA
+            run: the adapter folded in, a plain HF folder) or ``adapter`` (the LoRA weights alone); atomically.
+    """
 
     def __init__(
         self,
@@ -26,10 +36,16 @@ class LanguageModelModule(ModelModule):
         dtype: str = "float32",
         trust_remote_code: bool = False,
         tokenizer: str | None = None,
+        lora: dict[str, Any] | None = None,
+        save_dir: str | None = None,
+        save_mode: str = "auto",
     ) -> None:
         check_range(non_negative={"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps})
+        self.check_save_mode(save_mode, lora)
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
         self.save_hyperparameters()
+        if lora:
+            self.wrap_lora(lora)
         self.model.train()
 
     def _step(self, batch):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ from torch import nn
 from lethe import lm
 from lethe.checks import check_range
 from lethe.hooks import Trace
-from lethe.io import atomic_path, save_pretrained
 from lethe.unlearning import (
     FORGET,
     RETAIN,
@@ -108,10 +106,7 @@ class UnlearningModule(ModelModule):
         self.forget_objective = build_objective(FORGET, forget_name, method_args, "method")
         self.retain_objective = build_objective(RETAIN, retain_name, retain_args, "retain_loss")
         self.forget_loss, self.retain_loss = forget_name, retain_name
-        if save_mode not in ("auto", "adapter", "merged", "full"):
-            raise UnlearningConfigError(f"save_mode={save_mode!r}: use auto, adapter, merged or full")
-        if save_mode in ("adapter", "merged") and not lora:
-            raise UnlearningConfigError(f"save_mode={save_mode!r} needs a LoRA adapter (set model.init_args.lora)")
+        self.check_save_mode(save_mode, lora)
         if disable_dropout:
             for m in self.model.modules():
                 if isinstance(m, nn.Dropout):
@@ -121,25 +116,13 @@ class UnlearningModule(ModelModule):
         self.forget_objective.setup(self)
         self.retain_objective.setup(self)
         self.needs_reference = self.forget_objective.needs_reference or self.retain_objective.needs_reference
-        self.is_lora = bool(lora)
-        if self.is_lora:
-            self._wrap_lora(dict(lora))
+        if lora:
+            self.wrap_lora(lora)
         self._ref: list[nn.Module] = []  # a list so Lightning never registers, saves or optimises it
         if self.needs_reference and not self.is_lora:
             self._ref.append(self._frozen_copy(share_embeddings))
 
     # ------------------------------------------------------------------ model set-up
-
-    def _wrap_lora(self, cfg: dict[str, Any]) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        cfg.setdefault("r", 8)
-        cfg.setdefault("lora_alpha", 2 * cfg["r"])
-        cfg.setdefault("lora_dropout", 0.0)
-        try:
-            self.model = get_peft_model(self.model, LoraConfig(**cfg))
-        except ValueError as err:
-            raise UnlearningConfigError(f"model.init_args.lora {cfg}: {err}") from err
 
     def _frozen_copy(self, share_embeddings: bool) -> nn.Module:
         """A frozen reference copy; with ``share_embeddings`` it reuses the embedding/tied-head tensors."""
@@ -226,27 +209,3 @@ class UnlearningModule(ModelModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-    # ------------------------------------------------------------------ results
-
-    def merged_model(self) -> nn.Module:
-        """The adapter folded into a copy of the base weights (the training model is left as it is)."""
-        if not self.is_lora:
-            return self.model
-        return copy.deepcopy(self.model).merge_and_unload()
-
-    def save_result(self, dest: str | Path, mode: str = "auto") -> Path:
-        """Write the unlearned model: LoRA adapter alone, merged model, or the full model; atomically."""
-        mode = ("adapter" if self.is_lora else "full") if mode == "auto" else mode
-        if mode == "adapter":
-            if not self.is_lora:
-                raise UnlearningConfigError("save_mode 'adapter' needs a LoRA run")
-            with atomic_path(dest, is_dir=True) as tmp:
-                self.model.save_pretrained(str(tmp))
-                self.tokenizer.save_pretrained(str(tmp))
-            return Path(dest)
-        return save_pretrained(self.merged_model(), self.tokenizer, dest)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            self.save_result(self.hparams.save_dir, self.hparams.save_mode)

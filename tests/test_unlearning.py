@@ -353,3 +353,61 @@ def test_stop_rule_is_checked_every_step_and_keeps_the_crossing_steps_model(tmp_
     assert final["step"] == report["stopped_at"]
     assert final["forget/ma"] == pytest.approx(checks[-1]["forget/ma"]) and "retain/ma" in final
     assert "retain MA" in tracker.summary_line() and f"step {report['stopped_at']}" in tracker.summary_line()
+
+
+# ------------------------------------------------------------------------------------------ UNDIAL and IdkDPO
+
+
+def test_undial_raises_forget_nll_towards_a_fixed_teacher_and_stays_bounded(tiny):
+    m = UnlearningModule(tiny["gpt2"], method="undial", method_args={"beta": 5.0}, lr=1e-2, share_embeddings=False)
+    forget = lm.encode_pairs(m.tokenizer, m.family, ["w1 w2 w3", "w4 w5"], ["w7 w8", "w9"])
+    logits = lm.forward_logits(m.model, forget, m.family)
+    # beta 0 at theta = reference: the cross-entropy of the model's own distribution, i.e. its entropy
+    lg, lb = lm.aligned(logits, forget["labels"], m.family)
+    p = torch.softmax(lg[lb != -100].float(), -1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert UL.undial(logits, logits.detach(), forget["labels"], m.family, beta=0.0).item() == pytest.approx(
+        entropy.item(), rel=1e-5)
+    # make the model (and its reference) confident on the forget answers first: UNDIAL removes the mass a
+    # model puts on them, and a random tiny model puts almost none there
+    opt = torch.optim.Adam([p for p in m.model.parameters() if p.requires_grad], lr=3e-2)
+    for _ in range(60):
+        loss = lm.lm_loss(lm.forward_logits(m.model, forget, m.family), forget["labels"], m.family)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m._ref[0].load_state_dict(m.model.state_dict())
+    f0 = _nll(m, forget)
+    assert f0 < 1.0
+    losses = []
+    for _ in range(10):
+        _train(m, {"forget": forget}, 1)
+        losses.append(m.compute_loss({"forget": forget})[0].item())
+    assert _nll(m, forget) > f0 + 0.3
+    assert all(0 < v < 20 for v in losses)  # a cross-entropy to a fixed teacher: bounded below by its entropy
+
+
+def test_idk_dpo_swaps_the_answer_for_a_refusal_and_learns_to_prefer_it(tiny, tmp_path):
+    refusals = tmp_path / "refusals.txt"
+    refusals.write_text("# comment\nw30 w31\n\nw32\n")
+    m = UnlearningModule(tiny["gpt2"], method="idk_dpo", method_args={"beta": 0.5, "refusals": str(refusals)},
+                         lr=3e-3)
+    forget = lm.encode_pairs(m.tokenizer, m.family, ["w1 w2 w3", "w4 w5"], ["w7 w8 w9", "w10"])
+    forget["index"] = torch.tensor([0, 1])
+    win = m.forget_objective.refusal_batch(m, forget)
+    tok = m.tokenizer
+    for i, want in enumerate(["w30 w31", "w32"]):
+        real = win["attention_mask"][i].bool()
+        prompt_len = int((forget["labels"][i][forget["attention_mask"][i].bool()] == -100).sum())
+        assert win["input_ids"][i][:prompt_len].tolist() == forget["input_ids"][i][:prompt_len].tolist()
+        answer = [t for t in win["labels"][i][real].tolist() if t != -100]
+        assert tok.decode(answer).split() == want.split()
+    loss0, _ = m.compute_loss({"forget": forget})
+    assert loss0.item() == pytest.approx(2 / 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-5)  # theta = ref
+    f0, w0 = _nll(m, forget), _nll(m, win)
+    _train(m, {"forget": forget}, 8)
+    assert _nll(m, win) < w0 - 0.2 and _nll(m, forget) > f0 + 0.2
+    with pytest.raises(UnlearningConfigError, match="idk_dpo.*decoder"):
+        UnlearningModule(tiny["bert"], method="idk_dpo")
+    with pytest.raises(UnlearningConfigError, match="no such file"):
+        UnlearningModule(tiny["gpt2"], method="idk_dpo", method_args={"refusals": str(tmp_path / "none.txt")})
