@@ -26,8 +26,7 @@ from functools import partial
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.lm import ExampleDataset, ModelDataModule, collate_examples, load_examples
-from lethe import lm
+from datamodules.lm import ExampleDataset, ModelDataModule, check_lengths, collate_examples, load_examples
 from lethe.io import MEMORISED_PASSAGES
 
 
@@ -94,14 +93,6 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = int(state.get("batches_served", 0))
-
-
-def _token_length(tokenizer, example: dict, prompt_format: str | None = None) -> int:
-    if "text" in example:
-        return len(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
-    prompt = lm.format_prompt(tokenizer, example["prompt"], prompt_format) if example["prompt"] else ""
-    return len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) + len(
-        tokenizer(lm.target_text(example["target"], prompt), add_special_tokens=False)["input_ids"]) + 1
 
 
 def collate_paired(items: list[dict], tokenizer, family: str, max_length: int | None, seed: int,
@@ -216,17 +207,9 @@ class ForgetRetainDataModule(ModelDataModule):
         self.sets = {"forget": forget, "retain": retain, "unseen": unseen}
 
     def _check_lengths(self, name: str, examples: list[dict]) -> None:
-        if self.max_len is None:
-            return
-        long = [i for i, e in enumerate(examples)
-                if _token_length(self.tokenizer, e, self.hparams.prompt_format) > self.max_len]
-        if not long:
-            return
-        msg = (f"{len(long)} {name} example(s) are longer than {self.max_len} tokens (first: #{long[0]}): "
-               f"{'they are truncated' if self.hparams.on_long == 'truncate' else 'on_long=error'}")
-        if self.hparams.on_long == "error":
-            raise ValueError(msg)
-        warnings.warn(msg, stacklevel=2)
+        source = self.hparams.get(name) or f"{name}_texts/{name}_pairs"
+        check_lengths(examples, self.tokenizer, self.max_len, self.hparams.prompt_format, self.hparams.on_long,
+                      f"data.init_args.{name} ({source})")
 
     @property
     def has_retain(self) -> bool:

@@ -8,6 +8,7 @@ pass ``tokenizer``/``family`` to use the datamodule on its own.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import partial
 
@@ -85,6 +86,32 @@ def collate_examples(items: list[dict], tokenizer, family: str, max_length: int 
     return batch
 
 
+def _token_length(tokenizer, example: dict, prompt_format: str | None = None) -> int:
+    if "text" in example:
+        return len(tokenizer(example["text"], add_special_tokens=True)["input_ids"])
+    prompt = lm.format_prompt(tokenizer, example["prompt"], prompt_format) if example["prompt"] else ""
+    return len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) + len(
+        tokenizer(lm.target_text(example["target"], prompt), add_special_tokens=False)["input_ids"]) + 1
+
+
+def check_lengths(examples: list[dict], tokenizer, max_len: int | None, prompt_format: str | None, on_long: str,
+                  where: str) -> None:
+    """Examples longer than ``max_len`` tokens: warn how many (they are cut: a pair loses its oldest prompt
+    tokens, a text its end) or, with ``on_long="error"``, refuse them, naming the set, the first record and how
+    many there are."""
+    if max_len is None:
+        return
+    long = [i for i, e in enumerate(examples) if _token_length(tokenizer, e, prompt_format) > max_len]
+    if not long:
+        return
+    field = "answer" if "target" in examples[long[0]] else "text"
+    msg = (f"{where}: {len(long)} of {len(examples)} examples are longer than max_length={max_len} tokens (first: "
+           f"record {long[0]}, field '{field}', {_token_length(tokenizer, examples[long[0]], prompt_format)} tokens)")
+    if on_long == "error":
+        raise ValueError(msg + "; raise max_length or set on_long: truncate")
+    warnings.warn(msg + f": {len(long)} were cut to fit", stacklevel=3)
+
+
 class ModelDataModule(L.LightningDataModule):
     """A datamodule that tokenises for the model it feeds: the tokenizer and family come from the running
     lethe LightningModule (a preset names the model once), or from ``tokenizer=`` / ``family=``.
@@ -160,6 +187,7 @@ class LMDataModule(ModelDataModule):
         texts, val_texts: inline documents (added to the files' examples).
         pairs, val_pairs: inline ``[prompt, target]`` pairs.
         add_eos: end pair targets with EOS (what a generator should learn to stop on).
+        on_long: examples longer than ``max_length``: "truncate" (warn how many were cut) or "error".
     """
 
     def __init__(
@@ -176,10 +204,13 @@ class LMDataModule(ModelDataModule):
         eval_batch_size: int | None = None,
         max_length: int | None = 256,
         add_eos: bool = True,
+        on_long: str = "truncate",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)  # batch_size, seed, num_workers, tokenizer, family (ModelDataModule)
         self.save_all_hyperparameters()
+        if on_long not in ("truncate", "error"):
+            raise ValueError(f"data.init_args.on_long={on_long!r}: use 'truncate' or 'error'")
         self.splits: dict[str, ExampleDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -189,6 +220,8 @@ class LMDataModule(ModelDataModule):
             train = load_examples(h.train, h.kind, h.texts, h.pairs, h.tofu_subset) + world_examples(h.world)
             if stage in (None, "fit") and not train:
                 raise ValueError("the training set is empty: give train files, texts or pairs")
+            check_lengths(train, self.tokenizer, h.max_length, h.prompt_format, h.on_long,
+                          f"data.init_args.train ({h.train or 'texts/pairs'})")
             self.splits["train"] = ExampleDataset(train)
             self.splits["val"] = ExampleDataset(load_examples(h.val, h.kind, h.val_texts, h.val_pairs, h.tofu_subset))
             self.splits["test"] = ExampleDataset(load_examples(h.test, h.kind, tofu_subset=h.tofu_subset))

@@ -172,10 +172,12 @@ EVAL_SETS = {"forget": None, "retain": "retain_perturbed", "real_authors": "real
              "world_facts": "world_facts_perturbed"}
 
 
-def load_eval_sets(forget_split: str, subset: str = "full", limits: dict[str, int | None] | None = None) -> dict:
+def load_eval_sets(forget_split: str, subset: str = "full", limits: dict[str, int | None] | None = None,
+                   check_forget: bool = True) -> dict:
     """TOFU's evaluation sets: ``<forget_split>_perturbed`` (whole) and the first ``limits[name]`` questions of
     retain_perturbed / real_authors_perturbed / world_facts_perturbed, each record checked for its perturbed
-    answers (the truth ratio needs them)."""
+    answers (the truth ratio needs them); the forget set's perturbed questions must be the forget split's own
+    (``check_forget``)."""
     from lethe.records import read_records
 
     limits = limits or {}
@@ -189,6 +191,17 @@ def load_eval_sets(forget_split: str, subset: str = "full", limits: dict[str, in
         if missing:
             raise ValueError(f"tofu:{split}: record {missing[0]} ({sets[name][missing[0]].question!r}): field "
                              "'perturbed_answer' is missing or empty (the truth ratio needs it)")
+    if check_forget:
+        from lethe.records import read_records
+
+        forget = {r.question for r in read_records(f"tofu:{forget_split}", "tofu", tofu_subset=subset)}
+        pert = sets["forget"]
+        stray = [i for i, r in enumerate(pert) if r.question not in forget]
+        if stray or len({r.question for r in pert}) != len(forget):
+            where = (f"record {stray[0]}, field 'question' ({pert[stray[0]].question!r}) is not a question of "
+                     f"tofu:{forget_split}" if stray else f"it holds {len(pert)} of tofu:{forget_split}'s "
+                     f"{len(forget)} questions")
+            raise ValueError(f"tofu:{perturbed_split(forget_split)} does not match the forget set: {where}")
     return sets
 
 

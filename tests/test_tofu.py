@@ -157,7 +157,8 @@ def _world_tofu(folder: Path) -> int:
     row = lambda r, para=True: {"question": r.question, "answer": r.answer,
                                 **({"paraphrased_answer": r.paraphrased_answer} if para else {}),
                                 "perturbed_answer": r.perturbed_answer}
-    files = {"forget01_perturbed": [row(r) for r in seen[:10]], "retain_perturbed": [row(r) for r in seen[10:18]],
+    files = {"forget01": [{"question": r.question, "answer": r.answer} for r in seen[:10]],
+             "forget01_perturbed": [row(r) for r in seen[:10]], "retain_perturbed": [row(r) for r in seen[10:18]],
              "real_authors_perturbed": [row(r, False) for r in unseen[:6]],
              "world_facts_perturbed": [row(r, False) for r in unseen[6:12]]}
     folder.mkdir(parents=True, exist_ok=True)
@@ -239,3 +240,78 @@ def test_unlearning_run_with_the_tofu_callback_killed_and_resumed_ends_like_an_u
         for k in a:
             assert float(b[k]) == pytest.approx(float(a[k]), abs=1e-6), k
     assert (tmp_path / "runs" / "cut" / "tofu.png").stat().st_size > 1000
+
+
+TOFU_BAD_INPUT = {  # case -> (change to the fake TOFU folder, preset data arguments, what the last line must say)
+    "missing TOFU split": (None, {"forget": "tofu:forget07"},
+                           "TOFU split 'forget07': not loaded from the hub"),
+    "record without an answer": ("no-answer", {}, "forget01.json: record 3: field 'answer': missing field"),
+    "perturbed questions not the forget set's": ("stray-perturbed", {},
+                                                 ("tofu:forget01_perturbed does not match the forget set: record 5, "
+                                                 "field 'question'")),
+    "answers longer than max_length": (None, {"max_length": 6, "on_long": "error"},
+                                       ("data.init_args.forget (tofu:forget01): 40 of 40 examples are longer than "
+                                       "max_length=6 tokens (first: record 0, field 'answer'")),
+}
+
+
+@pytest.mark.parametrize("case", list(TOFU_BAD_INPUT))
+def test_tofu_bad_input_ends_with_one_line_naming_file_record_field_and_changes_no_file(tmp_path, capsys,
+                                                                                         monkeypatch, case):
+    import json
+
+    import yaml
+
+    from lethe.cli import main
+
+    change, data_args, want = TOFU_BAD_INPUT[case]
+    _fake_tofu(tmp_path / "tofu")
+    if change == "no-answer":
+        rows = json.loads((tmp_path / "tofu" / "forget01.json").read_text())
+        del rows[3]["answer"]
+        (tmp_path / "tofu" / "forget01.json").write_text(json.dumps(rows))
+    if change == "stray-perturbed":
+        (tmp_path / "tofu" / "forget01_perturbed.json").write_text(json.dumps(
+            [dict(r, paraphrased_answer=r["answer"], perturbed_answer=["x.", "y."]) for r in
+             json.loads((tmp_path / "tofu" / "forget01.json").read_text())[:5]]
+            + [{"question": "Who else?", "answer": "Nobody.", "perturbed_answer": ["x."]}]))
+    for name in ("real_authors_perturbed", "world_facts_perturbed"):
+        (tmp_path / "tofu" / f"{name}.json").write_text(json.dumps(
+            [{"question": "Who wrote it?", "answer": "Someone.", "perturbed_answer": ["x.", "y."]}]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LETHE_TOFU_DIR", str(tmp_path / "tofu"))
+    (tmp_path / "ratios.json").write_text(json.dumps([1.0] * 40))
+    preset = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "callbacks.tofu.TofuEvaluation",
+                                   "init_args": {"forget_split": "forget01",
+                                                 "reference_ratios": str(tmp_path / "ratios.json")}}]},
+        "model": {"class_path": "lightning_modules.unlearning.UnlearningModule",
+                  "init_args": {"model": str(save_tiny("gpt2", tmp_path / "tiny-gpt2")), "method": "ga"}},
+        "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
+                 "init_args": {"forget": "tofu:forget01", "kind": "tofu", "batch_size": 4, **data_args}},
+        "run": {"root": str(tmp_path / "runs"), "name": "bad"},
+    }
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    run = tmp_path / "runs" / "bad"  # an earlier run of the same name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("# the earlier run's config\n")
+    (run / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path)])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lethe: error: ") and want in last, last
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_answers_longer_than_max_length_are_cut_with_a_count(tmp_path):
+    from datamodules.forget_retain import ForgetRetainDataModule
+
+    dm = ForgetRetainDataModule(forget_pairs=[["w1 w2", "w3 w4 w5 w6 w7 w8"], ["w1", "w2"]], max_length=5,
+                                tokenizer=str(save_tiny("gpt2", tmp_path / "m")), family="decoder")
+    with pytest.warns(UserWarning, match=r"1 of 2 examples are longer than max_length=5 tokens.*1 were cut"):
+        dm.setup()

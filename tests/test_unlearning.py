@@ -231,10 +231,10 @@ def test_bad_input(tiny):
     assert len(dm.sets["retain"]) == 1
     long = [" ".join(["w1"] * 40)]
     dm = _dm(m, forget_texts=long, max_length=16)
-    with pytest.warns(UserWarning, match="longer than 16 tokens"):
+    with pytest.warns(UserWarning, match="longer than max_length=16 tokens"):
         dm.setup()
     assert dm.eval_batches("forget")[0]["input_ids"].shape[1] <= 16
-    with pytest.raises(ValueError, match="longer than 16"):
+    with pytest.raises(ValueError, match="longer than max_length=16"):
         _dm(m, forget_texts=long, max_length=16, on_long="error").setup()
     with pytest.raises(UnlearningConfigError, match="not an unlearning method"):
         UnlearningModule(tiny["gpt2"], method="forget_everything")
