@@ -610,6 +610,9 @@ def load_tofu(split: str, directory: str | None = None) -> list:
 TOFU_SUBSETS: dict[str, dict] = {
     "full": {"authors": None, "forget_splits": ("forget01", "forget05", "forget10"),
              "about": "TOFU as published: 200 authors (4,000 questions)"},
+    "cpu20": {"authors": (range(10), range(190, 200)), "forget_splits": ("forget01", "forget05"),
+              "about": "20 authors (400 questions): retain authors 1-10, forget authors 191-200 "
+                       "(forget05 = all 10, forget01 = the last 2)"},
     "cpu40": {"authors": (range(30), range(190, 200)), "forget_splits": ("forget01", "forget05"),
               "about": "40 authors (800 questions): retain authors 1-30, forget authors 191-200 "
                        "(forget05 = all 10, forget01 = the last 2)"},

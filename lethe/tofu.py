@@ -29,7 +29,7 @@ from lethe import lm, records
 from lethe.records import parse_split, subset_authors
 
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
-SUBSETS = records.TOFU_SUBSETS  # which TOFU authors a run keeps (lethe.records: full, cpu40)
+SUBSETS = records.TOFU_SUBSETS  # which TOFU authors a run keeps (lethe.records: full, cpu40, cpu20)
 
 def cache_root() -> Path:
     """Where TOFU's fine-tuned models and reference ratios are cached ($LETHE_CACHE or ~/.cache/lethe, /tofu)."""
@@ -245,7 +245,8 @@ def model_utility(results: dict[str, dict]) -> float:
 
 # --------------------------------------------------------------------------- fine-tuned models, cached by recipe
 
-FINETUNE_PRESETS = {"target": "tofu/smollm2_target", "retain": "tofu/smollm2_retain"}
+FINETUNE_PRESETS = {"target": "tofu/smollm2_target", "retain": "tofu/smollm2_retain",
+                    "target_lora": "tofu/smollm2_target_lora", "retain_lora": "tofu/smollm2_retain_lora"}
 
 
 def recipe_key(role: str, subset: str, seed: int = 0, overrides: Sequence[str] = ()) -> str:
@@ -259,14 +260,14 @@ def recipe_key(role: str, subset: str, seed: int = 0, overrides: Sequence[str] =
     return hashlib.sha256(json.dumps([text, subset, seed, list(overrides)]).encode()).hexdigest()[:12]
 
 
-def finetuned_dir(role: str, subset: str = "cpu40", seed: int = 0, overrides: Sequence[str] = ()) -> Path:
+def finetuned_dir(role: str, subset: str = "cpu20", seed: int = 0, overrides: Sequence[str] = ()) -> Path:
     if role not in FINETUNE_PRESETS:
         raise ValueError(f"TOFU model role {role!r}: use {' or '.join(FINETUNE_PRESETS)}")
     subset_authors(subset)
     return cache_root() / f"smollm2-{subset}-{role}-seed{seed}-{recipe_key(role, subset, seed, overrides)}"
 
 
-def ensure_finetuned(role: str, subset: str = "cpu40", seed: int = 0, overrides: Sequence[str] = (),
+def ensure_finetuned(role: str, subset: str = "cpu20", seed: int = 0, overrides: Sequence[str] = (),
                      log: str | None = None) -> Path:
     """The fine-tuned TOFU model ``role`` (``target``: forget + retain authors; ``retain``: retain authors only)
     of ``subset``: from the cache, else trained once by its preset (``lethe fit``, a subprocess; its progress

@@ -64,11 +64,18 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append((f"Unlearning {name}: forget MA, retain MA drop (points), steps", "world decoder",
                         (f"{_f(m['forget_ma_before'])} → {_f(m['forget_ma_after'])}, {_f(m['retain_ma_drop_points'], 1)}, "
                         f"{m['steps_to_stop']}"), "`python benchmarks/unlearning.py`"))
-    d = _load("tofu")
+    d = _load("tofu_smollm2")
     if d:
-        for name, m in d["models"].items():
-            out.append((f"TOFU {name}: forget quality / model utility", d.get("model", "").split(" (")[0],
-                        f"{m['forget_quality']:.2g} / {_f(m['model_utility'], 3)}", "`python benchmarks/tofu.py`"))
+        sub = d["subset"]
+        for name in ("untuned", "target", "retain", *d.get("methods", [])):
+            m = d.get(name)
+            if not m:
+                continue
+            fq = "—" if name == "untuned" and m.get("forget_quality") is None else f"{m['forget_quality']:.2g}"
+            out.append(((f"TOFU {sub['forget_split']} ({sub['name']}, {sub['authors']} authors) {name}: "
+                        "forget quality / model utility / forget ROUGE-L"), "SmolLM2-135M",
+                        f"{fq} / {_f(m['model_utility'], 3)} / {_f(m['forget_rougeL_recall'])}",
+                        "`python benchmarks/tofu.py`"))
     d = _load("world_recall")
     if d:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):

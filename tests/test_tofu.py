@@ -137,7 +137,8 @@ def test_tofu_subset_keeps_its_authors_and_refuses_to_shrink_a_forget_split(tmp_
     assert author(read_records("tofu:forget05[-1:]", "tofu")) == [199]
     with pytest.raises(ValueError, match=r"tofu:forget10 has 200 of its 400 questions outside tofu_subset 'cpu40'"):
         read_records("tofu:forget10", "tofu", tofu_subset="cpu40")
-    with pytest.raises(ValueError, match=r"tofu_subset='tiny': use one of full, cpu40"):
+    assert author(read_records("tofu:full", "tofu", tofu_subset="cpu20")) == [*range(10), *range(190, 200)]
+    with pytest.raises(ValueError, match=r"tofu_subset='tiny': use one of full, cpu20, cpu40"):
         read_records("tofu:forget05", "tofu", tofu_subset="tiny")
     with pytest.raises(ValueError, match="name a TOFU split"):
         read_records("tofu:forget05[2]", "tofu")
