@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     # the same questions the method presets' TofuEvaluation scores (one source: the NPO preset)
     npo = preset_path("tofu/smollm2_npo")
     limits = {name: _preset_value(npo, f"n_{name}") for name in ("retain", "real_authors", "world_facts")}
+    if None in limits.values():
+        raise SystemExit(f"{npo}: TofuEvaluation's n_retain / n_real_authors / n_world_facts not found")
     sets = tofu.load_eval_sets(args.split, args.subset, limits)
     key = [args.split, args.subset, limits, fmt, [r.question for s in sets.values() for r in s]]
     retain_row = evaluate_cached("retain", str(models["retain"]), sets, None, fmt, key)
@@ -198,13 +200,13 @@ def _preset_value(path: Path, key: str):
     import yaml
 
     def find(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == key:
-                    return v
-                found = find(v)
-                if found is not None:
-                    return found
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in children:
+            if k == key:
+                return v
+            found = find(v)
+            if found is not None:
+                return found
         return None
 
     return find(yaml.safe_load(path.read_text()))
