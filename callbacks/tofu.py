@@ -262,12 +262,7 @@ def plot_curve(history: list[dict[str, Any]], dest: str | Path, title: str | Non
         ax.set_xlabel("step")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return dest
+    return save_png(fig, dest)
 
 
 def plot_benchmark(points: dict[str, dict[str, float]], dest: str | Path, title: str | None = None) -> Path:
@@ -288,10 +283,17 @@ def plot_benchmark(points: dict[str, dict[str, float]], dest: str | Path, title:
     ax.set_ylabel("model utility")
     if title:
         ax.set_title(title)
+    return save_png(fig, dest)
+
+
+
+def save_png(fig, dest: str | Path) -> Path:
+    """Lay out, write atomically as PNG, and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return dest
-
