@@ -101,13 +101,7 @@ class ForgettingTracker(L.Callback):
         return out
 
     def _record(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
-        if self.history and self.history[-1]["step"] == trainer.global_step:
-            return self.history[-1]
-        row = self.evaluate(trainer, pl_module)
-        self.history.append(row)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"forgetting/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
-        return row
+        return record_row(self.history, trainer, lambda: self.evaluate(trainer, pl_module), "forgetting/")
 
     @property
     def el_key(self) -> str:
@@ -224,6 +218,19 @@ class ForgettingTracker(L.Callback):
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="forgetting/curves", images=[str(png)])
         return png
+
+
+def record_row(history: list[dict[str, Any]], trainer: L.Trainer, evaluate, prefix: str,
+               skip: tuple[str, ...] = ("step",)) -> dict[str, Any]:
+    """A metrics callback's row for this step: the one already recorded, or ``evaluate()`` appended to ``history``
+    and logged to every logger under ``prefix`` (keys in ``skip`` left out) at the row's step."""
+    if history and history[-1]["step"] == trainer.global_step:
+        return history[-1]
+    row = evaluate()
+    history.append(row)
+    for logger in trainer.loggers:
+        logger.log_metrics({f"{prefix}{k}": v for k, v in row.items() if k not in skip}, step=row["step"])
+    return row
 
 
 def plot_history(history: list[dict[str, Any]], dest: str | Path, thresholds: dict[str, float] | None = None,

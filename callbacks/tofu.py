@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning as L
 
+from callbacks.forgetting import record_row
 from lethe import tofu
 from lethe.io import atomic_path, write_json
 
@@ -132,14 +133,8 @@ class TofuEvaluation(L.Callback):
         return row
 
     def _record(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
-        if self.history and self.history[-1]["step"] == trainer.global_step:
-            return self.history[-1]
-        row = self.evaluate(trainer, pl_module)
-        self.history.append(row)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"tofu/{k}": v for k, v in row.items() if k not in ("step", "forget_truth_ratios")},
-                               step=row["step"])
-        return row
+        return record_row(self.history, trainer, lambda: self.evaluate(trainer, pl_module), "tofu/",
+                          skip=("step", "forget_truth_ratios"))
 
     # ------------------------------------------------------------------ hooks
 
