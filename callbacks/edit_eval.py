@@ -138,7 +138,7 @@ class EditEvaluation(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from lethe.io import atomic_path
+        from lethe.io import save_png
 
         vals = [r[key] or 0.0 for r in self.rows]
         running = [sum(vals[: i + 1]) / (i + 1) for i in range(len(vals))]
@@ -147,10 +147,7 @@ class EditEvaluation(L.Callback):
         ax.set_xlabel("requests edited")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(loc="lower left")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
+        save_png(fig, path)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="edit_efficacy", images=[str(path)])

@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 
-from lethe.io import atomic_path, write_json
+from lethe.io import save_png, write_json
 from lethe.metrics import ExtractionLikelihood, MemorizationAccuracy, Perplexity, memorisation_scores
 
 SETS = ("forget", "retain", "unseen")
@@ -263,12 +263,7 @@ def plot_history(history: list[dict[str, Any]], dest: str | Path, thresholds: di
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return dest
+    return save_png(fig, dest)
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ import lightning as L
 
 from callbacks.forgetting import record_row
 from lethe import tofu
-from lethe.io import atomic_path, write_json
+from lethe.io import save_png, write_json
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
 
@@ -279,16 +279,3 @@ def plot_benchmark(points: dict[str, dict[str, float]], dest: str | Path, title:
     if title:
         ax.set_title(title)
     return save_png(fig, dest)
-
-
-
-def save_png(fig, dest: str | Path) -> Path:
-    """Lay out, write atomically as PNG, and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return dest

@@ -57,7 +57,7 @@ def heatmap(fa, dest: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lethe.io import atomic_path
+    from lethe.io import save_png
 
     stacks = list(fa.scores)
     fig, axes = plt.subplots(len(stacks), 1, figsize=(10, 1.2 + 0.45 * sum(len(fa.layers[s]) for s in stacks)),
@@ -75,11 +75,7 @@ def heatmap(fa, dest: Path, title: str = "") -> Path:
             ax.scatter(*zip(*pts), s=40, facecolors="none", edgecolors="k", linewidths=1.0)
         fig.colorbar(im, ax=ax, label="IG attribution")
     axes[0, 0].set_title(title or f"{fa.target}")
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return dest
+    return save_png(fig, dest)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attribute": ("lethe.attribute_cli:main", "Knowledge-Neurons attribution: scores, refined neurons, heatmaps"),
     "trace": ("lethe.trace_cli:main", "causal tracing: where a model stores a fact, as a heatmap"),
     "world": ("lethe.world_models:main", "build the synthetic world and pretrain its tiny models (cached)"),
+    "evaluate": ("lethe.evaluate_cli:main", "is it really gone? membership inference, privleak and recovery attacks"),
 }
 TRAINER_COMMANDS = {name: help_ for name, (target, help_) in COMMANDS.items() if target == LIGHTNING}
 

@@ -71,6 +71,19 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     return Path(path)
 
 
+def save_png(fig, dest: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out a matplotlib figure, write it atomically as PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return dest
+
+
 def save_pretrained(model, tokenizer, dest: str | os.PathLike) -> Path:
     """Save a Hugging Face model (+ tokenizer) folder atomically, as safetensors."""
     with atomic_path(dest, is_dir=True) as tmp:

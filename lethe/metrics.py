@@ -21,6 +21,8 @@
   continuation (never suppressed, never a reason to stop early), so a target that ends in EOS
   scores 1 when the model would end it there.
 - **Perplexity**: exp of the token-level mean NLL over target tokens.
+- **MembershipAUROC**: ROC-AUC of per-example membership scores, members against non-members
+  (lethe.privacy's attacks).
 
 Sequences are :mod:`lethe.lm` batches (labels = -100 outside the targets).
 """
@@ -94,6 +96,35 @@ class Perplexity(_Mean):
 
     def compute(self) -> torch.Tensor:
         return torch.exp(super().compute())
+
+
+class MembershipAUROC(Metric):
+    """ROC-AUC of membership scores: members (forget set) against non-members (holdout), higher score = member.
+    Scores and labels are concatenated across processes before the AUC, so DDP gives the exact set's AUC."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("members", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: torch.Tensor, members: torch.Tensor) -> None:
+        self.scores.append(scores.detach().double().flatten())
+        self.members.append(members.detach().bool().flatten())
+
+    def compute(self) -> torch.Tensor:
+        from torchmetrics.utilities import dim_zero_cat
+
+        scores, members = dim_zero_cat(self.scores), dim_zero_cat(self.members)
+        pos, neg = scores[members], scores[~members]
+        if not len(pos) or not len(neg):
+            return torch.tensor(float("nan"))
+        from torchmetrics.functional.classification import binary_auroc
+
+        # the trapezoid over the exact ROC curve: P(member > non-member) + 1/2 P(tie)
+        return binary_auroc(scores, members.long(), thresholds=None).float()
 
 
 # ---------------------------------------------------------------------- EL_n pieces

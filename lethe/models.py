@@ -206,6 +206,41 @@ def check_tokenizer(tokenizer, model: nn.Module, source: str = "") -> None:
         )
 
 
+def trained_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The Lightning checkpoint behind ``path`` when it is one (``*.ckpt``) or a ``lethe fit`` run folder without a
+    saved model (``checkpoints/last.ckpt``, no ``config.json``); None for a model folder, hub name or alias."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".ckpt":
+        return p
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints" / "last.ckpt").is_file():
+        return p / "checkpoints" / "last.ckpt"
+    return None
+
+
+def load_trained(ckpt: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
+    """The model a ``lethe fit`` checkpoint holds: its LightningModule is rebuilt from the checkpoint's own
+    hyperparameters (the class path it was trained with), the weights loaded, LoRA merged."""
+    from lethe.registry import import_object
+
+    ckpt = Path(ckpt)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        hp = state["hyper_parameters"]
+        class_path = hp["_class_path"]
+    except KeyError as err:
+        raise ModelLoadError(f"{ckpt}: not a lethe fit checkpoint (no {err} among its hyperparameters)") from err
+    except Exception as err:
+        raise ModelLoadError(f"corrupt checkpoint {ckpt}: {type(err).__name__}: {err}") from err
+    module = import_object(class_path).load_from_checkpoint(ckpt, map_location="cpu")
+    if not hasattr(module, "merged_model"):
+        raise ModelLoadError(f"{ckpt}: a {class_path} checkpoint holds no language model to load")
+    model = module.merged_model().eval()
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=module.tokenizer, adapter=module.adapter, family=module.family,
+                       source=str(ckpt))
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     family: str | None = None,
@@ -220,6 +255,9 @@ def load_model(
     from transformers import AutoConfig
 
     source = resolve(name_or_path)
+    ckpt = trained_checkpoint(source)
+    if ckpt is not None:
+        return load_trained(ckpt, device)
     local = Path(source).exists()
     if local:
         _check_local_dir(Path(source))

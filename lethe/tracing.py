@@ -41,6 +41,7 @@ from torch import nn
 from lethe import lm
 from lethe.adapters import ArchAdapter, get_adapter, unwrap
 from lethe.hooks import Trace, TraceDict
+from lethe.io import save_png
 from lethe.locate import SubjectNotFoundError, fill, subject_tokens
 
 KINDS = ("block", "mlp", "attn")
@@ -424,16 +425,6 @@ def suggest_layers(avg: dict[str, torch.Tensor], kind: str = "mlp", span: int | 
 
 
 # --------------------------------------------------------------------------- pictures
-def _save_fig(fig, path: str | Path) -> Path:
-    from lethe.io import atomic_path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
-
-
 def plot_trace(result: TraceResult, path: str | Path, kinds: Sequence[str] | None = None,
                title: str | None = None) -> Path:
     """A row of heatmaps (tokens × layers, one per kind) of the indirect effect; the subject is starred."""
@@ -459,9 +450,7 @@ def plot_trace(result: TraceResult, path: str | Path, kinds: Sequence[str] | Non
         fig.colorbar(im, ax=ax, fraction=0.05).set_label("indirect effect on P", fontsize=7)
     fig.suptitle(title or f"{result.prompt!r} → {result.target!r}   P clean {result.high_score:.3f}, "
                  f"corrupted {result.low_score:.3f}", fontsize=8)
-    fig.tight_layout()
-    out = _save_fig(fig, path)
-    plt.close(fig)
+    out = save_png(fig, path, dpi=110)
     return out
 
 
@@ -485,7 +474,5 @@ def plot_average(avg: dict[str, torch.Tensor], path: str | Path, title: str = "a
         ax.set_title(KIND_LABELS[kind], fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05).set_label("IE / total effect", fontsize=7)
     fig.suptitle(title + (f" over {n_facts} facts" if n_facts else ""), fontsize=9)
-    fig.tight_layout()
-    out = _save_fig(fig, path)
-    plt.close(fig)
+    out = save_png(fig, path, dpi=110)
     return out

@@ -1,0 +1,188 @@
+"""``lethe evaluate``: is the knowledge gone, or only hidden? Membership inference and recovery attacks.
+
+    lethe evaluate --model runs/tofu_npo --suite tofu --forget-split forget01 --tofu-subset cpu20 \\
+        --reference lethe:smollm2-tofu-cpu20-retain --out evals/npo
+    lethe evaluate --model my-model --suite files --forget forget.jsonl --holdout unseen.jsonl --kind text --out evals/x
+
+The model is a hub name, a local folder, a lethe alias, a ``lethe fit`` run folder or a ``.ckpt``. The suite
+gives the forget set (members) and the holdout set (never trained on):
+
+- ``tofu``: the forget split's questions (``tofu:<split>_perturbed``: with paraphrased questions) against the
+  questions of TOFU authors outside ``--tofu-subset`` (``--holdout``, default ``tofu:full[100:102]``, two
+  authors no lethe TOFU subset trains on; on the full set use TOFU's ``tofu:holdout01``).
+- ``files``: ``--forget`` and ``--holdout`` files of ``--kind`` tofu (question/answer) or text.
+
+The optional ``--reference`` (the retain model, or the model before unlearning) adds the reference-based
+attack and privleak (its own AUC is computed on the same sets). Attacks (``--attacks``): ``mia`` (LOSS, ZLib,
+Min-K%, Min-K%++, reference; exact memorisation, extraction strength), ``relearn``, ``quantize``, ``probes``;
+lethe.privacy says what each does. Writes ``<out>/evaluation.json`` and ``<out>/evaluation.png`` atomically;
+``--logger wandb`` also logs them as a table and an image. The model files read are never written.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from lethe.io import write_json
+
+SUITES = ("tofu", "files")
+DEFAULT_HOLDOUT = {"full": "tofu:holdout01"}  # other subsets: authors 101-102, outside every CPU subset
+SUBSET_HOLDOUT = "tofu:full[100:102]"
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lethe.privacy import ATTACKS
+
+    p = ArgumentParser(prog="lethe evaluate", description=__doc__)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML of these options")
+    p.add_argument("--model", type=str, required=True,
+                   help="hub name, local folder, lethe alias, lethe fit run folder or .ckpt")
+    p.add_argument("--suite", type=str, default="tofu", help=f"where forget and holdout come from: {', '.join(SUITES)}")
+    p.add_argument("--forget-split", type=str, default="forget01", help="tofu: the forget split (forget01, forget05[:2])")
+    p.add_argument("--tofu-subset", type=str, default="cpu20", help="tofu: the authors the model was trained on")
+    p.add_argument("--holdout", type=str | None, default=None,
+                   help="holdout: a file (files suite) or a TOFU split of unseen authors (tofu suite)")
+    p.add_argument("--forget", type=str | None, default=None, help="files: the forget file")
+    p.add_argument("--kind", type=str, default="tofu", help="files: record kind of both files, tofu or text")
+    p.add_argument("--n-forget", type=int | None, default=None, help="use the first N forget records")
+    p.add_argument("--n-holdout", type=int | None, default=None, help="use the first N holdout records")
+    p.add_argument("--reference", type=str | None, default=None,
+                   help="the retain model (or the model before unlearning): reference attack and privleak")
+    p.add_argument("--attacks", type=list[str], default=list(ATTACKS), help=f"any of {', '.join(ATTACKS)}")
+    p.add_argument("--prompt-format", type=str | None, default=None,
+                   help="'chat' or a format with {prompt} (default: the run's own, else plain)")
+    p.add_argument("--relearn-steps", type=list[int], default=[10, 50], help="relearning: score after these steps")
+    p.add_argument("--relearn-lr", type=float, default=5e-5)
+    p.add_argument("--relearn-batch-size", type=int, default=4)
+    p.add_argument("--quant-bits", type=list[int], default=[8, 4], help="quantisation: bit widths")
+    p.add_argument("--group-size", type=int, default=128, help="quantisation: inputs per scale")
+    p.add_argument("--survive-tolerance", type=float, default=0.05,
+                   help="forgetting survived an attack when the forget score rose by less than this")
+    p.add_argument("--precision", type=str, default="32", help="32 or bf16-mixed (relearning steps)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=str, required=True, help="output folder")
+    p.add_argument("--logger", type=str, default="none", help="none or wandb")
+    p.add_argument("--project", type=str, default="lethe", help="wandb project")
+    return p
+
+
+def _fail(msg: str) -> None:
+    raise SystemExit(f"lethe evaluate: {msg}")
+
+
+def load_sets(args) -> tuple[list, list, dict[str, str]]:
+    """The forget and holdout records of the suite, and where each came from."""
+    from lethe.records import read_records
+
+    if args.suite == "tofu":
+        from lethe.tofu import perturbed_split
+
+        where = {"forget": f"tofu:{perturbed_split(args.forget_split)}",
+                 "holdout": args.holdout or DEFAULT_HOLDOUT.get(args.tofu_subset, SUBSET_HOLDOUT)}
+        forget = read_records(where["forget"], "tofu", tofu_subset=args.tofu_subset)
+        holdout = read_records(where["holdout"], "tofu")
+    elif args.suite == "files":
+        if not args.forget or not args.holdout:
+            _fail("the files suite needs --forget and --holdout")
+        if args.kind not in ("tofu", "text"):
+            _fail(f"--kind {args.kind!r}: use tofu or text")
+        where = {"forget": args.forget, "holdout": args.holdout}
+        forget, holdout = (read_records(where[k], args.kind) for k in ("forget", "holdout"))
+    else:
+        _fail(f"unknown --suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+    return forget[:args.n_forget], holdout[:args.n_holdout], where
+
+
+def run_prompt_format(model: str) -> str | None:
+    """A run folder's own prompt format (its data section), so a run is scored as it was trained."""
+    import yaml
+
+    cfg = Path(model) / "config.yaml"
+    if not cfg.is_file():
+        return None
+    data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
+    return (data.get("init_args") or {}).get("prompt_format")
+
+
+def run(args) -> dict:
+    import torch
+
+    from lethe import privacy
+    from lethe.models import load_model
+
+    bad = [a for a in args.attacks if a not in privacy.ATTACKS]
+    if bad:
+        _fail(f"unknown attack(s) {', '.join(map(repr, bad))}; choose from {', '.join(privacy.ATTACKS)}")
+    if args.precision not in ("32", "bf16-mixed"):
+        _fail(f"--precision {args.precision!r}: use 32 or bf16-mixed")
+    if args.logger not in ("none", "wandb"):
+        _fail(f"--logger must be none or wandb, got {args.logger!r}")
+    try:
+        forget_records, holdout_records, where = load_sets(args)
+        forget, holdout = privacy.examples(forget_records), privacy.examples(holdout_records)
+        privacy.check_sets(forget, holdout, where)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    fmt = args.prompt_format or run_prompt_format(args.model)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    reference = None
+    if args.reference:
+        reference = load_model(args.reference)
+        if reference.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            _fail(f"--reference {args.reference} has another tokenizer than --model {args.model} "
+                  f"({len(reference.tokenizer)} vs {len(loaded.tokenizer)} tokens): a loss ratio needs the same tokens")
+    progress = lambda msg: print(f"[lethe evaluate] {msg}", file=sys.stderr, flush=True)
+    report: dict = {"model": args.model, "suite": args.suite, "sets": where, "n_forget": len(forget),
+                    "n_holdout": len(holdout), "reference": args.reference, "prompt_format": fmt,
+                    "attacks": list(args.attacks)}
+    if "mia" in args.attacks:
+        progress(f"membership inference on {len(forget)} forget and {len(holdout)} holdout examples")
+        report.update(privacy.membership(loaded.model, loaded.tokenizer, loaded.family, forget, holdout, fmt,
+                                         reference.model if reference else None, args.batch_size))
+        if reference is not None:
+            ref = privacy.membership(reference.model, reference.tokenizer, reference.family, forget, holdout, fmt,
+                                     None, args.batch_size)
+            report["reference_mia_auc"] = ref["mia_auc"]
+            report["privleak"] = {a: privacy.privleak(v, ref["mia_auc"][a]) for a, v in report["mia_auc"].items()
+                                  if a != "reference"}
+    recovery = [a for a in args.attacks if a in privacy.RECOVERY_ATTACKS]
+    if recovery:
+        settings = privacy.AttackSettings(
+            relearn_steps=tuple(args.relearn_steps), relearn_lr=args.relearn_lr,
+            relearn_batch_size=args.relearn_batch_size, quant_bits=tuple(args.quant_bits),
+            group_size=args.group_size, survive_tolerance=args.survive_tolerance, seed=args.seed,
+            bf16=args.precision == "bf16-mixed", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        report["recovery"] = privacy.recovery(loaded.model, loaded.tokenizer, loaded.family, forget_records,
+                                              recovery, settings, fmt, progress)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    write_json(out / "evaluation.json", report)
+    picture = privacy.plot_report(report, out / "evaluation.png", title=f"lethe evaluate: {args.model}")
+    if args.logger == "wandb":
+        import wandb
+
+        run_ = wandb.init(project=args.project, dir=str(out), name=f"evaluate-{Path(args.model).name}",
+                          config={k: v for k, v in vars(args).items() if k != "config"}, job_type="evaluate")
+        rows = [[k, v] for k, v in privacy.flat_numbers(report).items()]
+        run_.log({"evaluation": wandb.Table(columns=["metric", "value"], data=rows),
+                  "evaluation_png": wandb.Image(str(picture))})
+        run_.finish()
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
+    report = run(args)
+    mia = report.get("mia_auc", {})
+    print(f"lethe evaluate: {report['model']}: " + ", ".join(f"AUC {a} {v:.3f}" for a, v in mia.items())
+          + ("; " + ", ".join(f"{k} {v:.3f}" for k, v in report.get("recovery", {}).items()
+                              if isinstance(v, float)) if "recovery" in report else "")
+          + f"; wrote {args.out}/evaluation.json ({report['seconds']} s)")

@@ -1,0 +1,215 @@
+"""Membership inference and recovery attacks (lethe.privacy, ``lethe evaluate``) on tiny models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lethe import lm, privacy
+from lethe.io import save_pretrained
+from lethe.records import TextRecord, write_text
+from lethe.testing import save_tiny, tiny_model, tiny_tokenizer
+
+
+def _strings(n: int, seed: int, words: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(80)}" for _ in range(words)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny decoder fine-tuned on 50 random strings (members); 50 other random strings it never saw."""
+    root = tmp_path_factory.mktemp("planted")
+    strings = _strings(100, 0)
+    members, unseen = strings[:50], strings[50:]
+    untrained = save_tiny("gpt2", root / "untrained")
+    tok = tiny_tokenizer("gpt2")
+    model = tiny_model("gpt2", seed=0)
+    model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = (
+        tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+    batch = lm.encode_pairs(tok, "decoder", [""] * 50, members)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(200):
+        lm.lm_loss(lm.forward_logits(model, batch, "decoder"), batch["labels"], "decoder").backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    trained = save_pretrained(model, tok, root / "trained")
+    write_text([TextRecord(s) for s in members], root / "members.jsonl")
+    write_text([TextRecord(s) for s in unseen], root / "unseen.jsonl")
+    return {"root": root, "trained": str(trained), "untrained": str(untrained), "members": members,
+            "unseen": unseen, "tok": tok}
+
+
+def _rows(texts):
+    return [privacy.Example("", t) for t in texts]
+
+
+def _aucs(path: str, planted) -> dict:
+    from lethe.models import load_model
+
+    loaded = load_model(path)
+    return privacy.membership(loaded.model, loaded.tokenizer, "decoder", _rows(planted["members"]),
+                              _rows(planted["unseen"]))["mia_auc"]
+
+
+def test_attacks_find_planted_members_and_not_in_an_untrained_model(planted):
+    trained, untrained = _aucs(planted["trained"], planted), _aucs(planted["untrained"], planted)
+    assert trained["loss"] >= 0.9 and trained["min_k_pp"] >= 0.9, trained
+    assert trained["zlib"] >= 0.9 and trained["min_k"] >= 0.9, trained
+    assert 0.4 <= untrained["loss"] <= 0.6 and 0.4 <= untrained["min_k_pp"] <= 0.6, untrained
+
+
+def test_auc_metric_counts_ties_as_half_and_privleak_is_muse_relative_difference():
+    assert privacy.auc(torch.tensor([1.0, 2.0, 3.0]).numpy(), torch.tensor([0.0, 3.0, 3.0]).numpy()) == \
+        pytest.approx(4 / 9)
+    assert privacy.auc(torch.tensor([2.0]).numpy(), torch.tensor([1.0]).numpy()) == 1.0
+    assert privacy.privleak(0.75, 0.5) == pytest.approx(50.0)
+    assert privacy.privleak(0.5, 0.5) == 0.0
+
+
+def test_extraction_strength_and_exact_memorisation(planted):
+    from lethe.models import load_model
+
+    loaded = load_model(planted["trained"])
+    stats = privacy.example_stats(loaded.model, loaded.tokenizer, "decoder", _rows(planted["members"][:8]))
+    # extraction strength is the share of the target after the last wrong argmax: 1 iff every argmax is right,
+    # and never more than the share of right argmaxes
+    for es, em in zip(stats["extraction_strength"], stats["exact_memorization"]):
+        assert 0.0 <= es <= em + 1e-9 <= 1.0 + 1e-9
+        assert (es == 1.0) == (em == 1.0)
+    assert stats["exact_memorization"].mean() > 0.8
+
+
+def test_round_to_nearest_quantisation_is_bounded_and_leaves_the_original_alone():
+    w = torch.randn(8, 300)
+    for bits, bound in ((8, 127), (4, 7)):
+        q = privacy.quantize_rtn(w, bits, group_size=128)
+        groups = torch.nn.functional.pad(w, (0, 84)).reshape(8, -1, 128)
+        scale = groups.abs().amax(-1) / bound  # one scale per row and group
+        err = torch.nn.functional.pad((q - w).abs(), (0, 84)).reshape(8, -1, 128).amax(-1)
+        assert torch.all(err <= scale / 2 + 1e-6)
+        assert len(torch.unique(q[0, :128])) <= 2 ** bits
+    assert (privacy.quantize_rtn(w, 4) - w).abs().mean() > (privacy.quantize_rtn(w, 8) - w).abs().mean()
+    model = tiny_model("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = privacy.quantized_copy(model, 4, group_size=16)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
+    changed = {k for k, v in q.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("c_attn" in k for k in changed) and any("c_fc" in k for k in changed)  # GPT-2's Conv1D too
+    assert not any("wte" in k or "lm_head" in k or "ln_" in k for k in changed)
+
+
+def test_relearning_recovers_and_leaves_the_attacked_model_alone(planted):
+    from lethe.models import load_model
+
+    loaded = load_model(planted["untrained"])
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    train, held = privacy.halves(_rows(planted["members"]))
+    score = lambda m: privacy.forget_score(m, loaded.tokenizer, "decoder", train)  # noqa: E731
+    out = privacy.relearn(loaded.model, loaded.tokenizer, "decoder", train, (5, 40), score, lr=1e-2,
+                          batch_size=8)
+    assert set(out) == {5, 40} and out[40] > score(loaded.model) + 0.2
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())
+
+
+def _sha(folder: str) -> dict:
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).iterdir())}
+
+
+def _evaluate(args: list[str]) -> None:
+    from lethe.cli import main
+
+    main(["evaluate", *args])
+
+
+def test_lethe_evaluate_writes_one_report_and_never_touches_the_model(planted, tmp_path):
+    out = tmp_path / "eval"
+    files = ["--suite", "files", "--forget", str(planted["root"] / "members.jsonl"),
+             "--holdout", str(planted["root"] / "unseen.jsonl"), "--kind", "text"]
+    before = _sha(planted["trained"])
+    _evaluate(["--model", planted["trained"], *files, "--reference", planted["untrained"],
+               "--relearn-steps", "[2, 4]", "--relearn-lr", "1e-3", "--quant-bits", "[8, 4]", "--group-size", "16",
+               "--out", str(out)])
+    assert _sha(planted["trained"]) == before
+    report = json.loads((out / "evaluation.json").read_text())
+    assert set(report["mia_auc"]) == set(privacy.MIA_ATTACKS)
+    assert report["mia_auc"]["loss"] >= 0.9 and 0.4 <= report["reference_mia_auc"]["loss"] <= 0.6
+    assert report["privleak"]["loss"] > 50  # far more leakage than the never-trained reference
+    rec = report["recovery"]
+    assert rec["forget_score"] == "exact_memorization"
+    assert {"forget", "relearn_2", "relearn_4", "quant_8bit", "quant_4bit"} <= set(rec)
+    assert set(rec["survived"]) == {"relearn_2", "relearn_4", "quant_8bit", "quant_4bit"}
+    assert all(isinstance(v, bool) for v in rec["survived"].values())
+    assert (out / "evaluation.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["overlap", "empty", "tokenizer", "attack"])
+def test_bad_input_gets_one_clear_error(planted, tmp_path, case):
+    root = planted["root"]
+    forget, holdout = root / "members.jsonl", root / "unseen.jsonl"
+    model, reference, attacks = planted["trained"], None, []
+    if case == "overlap":
+        holdout = tmp_path / "holdout.jsonl"
+        write_text([TextRecord(s) for s in planted["unseen"][:5] + planted["members"][3:4]], holdout)
+        expect = r"forget record 3 \(.*members.jsonl\) is also holdout record 5 \(.*holdout.jsonl\), field 'text'"
+    elif case == "empty":
+        holdout = tmp_path / "empty.jsonl"
+        holdout.write_text("")
+        expect = "empty"
+    elif case == "tokenizer":
+        other = tiny_tokenizer("gpt2", n_words=60)
+        reference = str(tmp_path / "other")
+        m = tiny_model("gpt2")
+        save_pretrained(m, other, reference)
+        expect = "another tokenizer"
+    else:
+        attacks = ["--attacks", "[mia, quantise]"]
+        expect = "unknown attack.*'quantise'.*mia, relearn, quantize, probes"
+    args = ["--model", model, "--suite", "files", "--forget", str(forget), "--holdout", str(holdout), "--kind", "text",
+            "--attacks", "[mia]", *attacks, "--out", str(tmp_path / "eval")]
+    if reference:
+        args += ["--reference", reference]
+    with pytest.raises((SystemExit, ValueError)) as err:
+        _evaluate(args)
+    import re
+
+    assert re.search(expect, str(err.value)), str(err.value)
+    assert not (tmp_path / "eval" / "evaluation.json").exists()
+
+
+def test_a_lethe_fit_run_folder_loads_as_the_model_it_trained(tmp_path, monkeypatch):
+    """``lethe evaluate --model runs/<name>`` reads the run's last checkpoint: the same weights it saved."""
+    from lethe.cli import main
+    from lethe.models import load_model
+
+    tiny = save_tiny("gpt2", tmp_path / "tiny")
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False},
+        "model": {"class_path": "lightning_modules.unlearning.UnlearningModule",
+                  "init_args": {"model": str(tiny), "method": "ga", "lr": 1e-2, "save_dir": str(tmp_path / "out")}},
+        "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
+                 "init_args": {"forget_texts": _strings(4, 1, 6), "batch_size": 4}},
+        "run": {"root": str(tmp_path / "runs"), "name": "ga"},
+    }
+    (tmp_path / "ga.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(tmp_path / "ga.yaml")])
+    from_run = load_model(tmp_path / "runs" / "ga").model.state_dict()
+    saved = load_model(tmp_path / "out").model.state_dict()
+    base = load_model(tiny).model.state_dict()
+    assert all(torch.equal(from_run[k], saved[k]) for k in saved)
+    assert not all(torch.equal(base[k], saved[k]) for k in saved)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="bad.ckpt"):
+        load_model(bad)
