@@ -203,7 +203,7 @@ class CheckpointError(ValueError):
 # training step's own metrics one lower (its count of batches stepped before that step), and a checkpoint
 # taken at global step N records N - 1 of them. After a resume from it, Lightning's rows up to N - 1 and these
 # prefixes' rows up to N are the interrupted run's valid ones; later rows are replaced by the resumed run's.
-AFTER_STEP_PREFIXES = ("forgetting/", "stop_rule/", "tofu/")
+AFTER_STEP_PREFIXES = ("forgetting/", "stop_rule/", "tofu/", "mia/")
 
 
 def resumed_log_step(path: Path) -> int | None:

@@ -76,6 +76,13 @@ def rows() -> list[tuple[str, str, str, str]]:
                         "forget quality / model utility / forget ROUGE-L"), "SmolLM2-135M",
                         f"{fq} / {_f(m['model_utility'], 3)} / {_f(m['forget_rougeL_recall'])}",
                         "`python benchmarks/tofu.py`"))
+    d = _load("privacy")
+    if d:
+        for name, m in d["models"].items():
+            out.append(((f"Is it gone? TOFU {d['forget_split']} ({d['subset']}) {name}: MIA AUC (LOSS), forget "
+                         "ROUGE-L, after relearn 50 / 4-bit"), "SmolLM2-135M",
+                        (f"{_f(m['mia_auc']['loss'])}, {_f(m['forget'])}, {_f(m.get('relearn_50'))} / "
+                         f"{_f(m.get('quant_4bit'))}"), "`python benchmarks/privacy.py`"))
     d = _load("world_recall")
     if d:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):

@@ -213,3 +213,34 @@ def test_a_lethe_fit_run_folder_loads_as_the_model_it_trained(tmp_path, monkeypa
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="bad.ckpt"):
         load_model(bad)
+
+
+def test_membership_callback_tracks_the_auc_falling_during_unlearning(planted, tmp_path, monkeypatch):
+    """GA on ten planted members: the MembershipInference callback's AUC (forget vs the run's unseen set) falls,
+    rows land in metrics.csv under mia/, and mia.json / mia.png are written."""
+    from lethe.cli import main
+
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False,
+                    "log_every_n_steps": 1,
+                    "callbacks": [{"class_path": "callbacks.privacy.MembershipInference",
+                                   "init_args": {"every_n_steps": 3}}]},
+        "model": {"class_path": "lightning_modules.unlearning.UnlearningModule",
+                  "init_args": {"model": planted["trained"], "method": "ga", "lr": 3e-2}},
+        "data": {"class_path": "datamodules.forget_retain.ForgetRetainDataModule",
+                 "init_args": {"forget_texts": planted["members"][:10], "unseen_texts": planted["unseen"][:10],
+                               "batch_size": 10}},
+        "run": {"root": str(tmp_path / "runs"), "name": "ga"},
+    }
+    (tmp_path / "ga.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(tmp_path / "ga.yaml")])
+    run = tmp_path / "runs" / "ga"
+    history = json.loads((run / "mia.json").read_text())["history"]
+    assert [r["step"] for r in history] == [0, 3, 6]
+    assert history[0]["loss_auc"] >= 0.9 and history[-1]["loss_auc"] < history[0]["loss_auc"] - 0.3, history
+    assert history[-1]["exact_memorization_forget"] < history[0]["exact_memorization_forget"]
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "mia/loss_auc" in header and "mia/min_k_pp_auc" in header
+    assert (run / "mia.png").stat().st_size > 1000

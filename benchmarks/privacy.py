@@ -1,0 +1,174 @@
+"""Is it really gone? Membership inference and recovery attacks on TOFU's SmolLM2 models (lethe.privacy).
+
+For the TOFU target model, the retain model and every unlearning method of ``benchmarks/tofu.py`` (their run
+folders under ``--runs``; a missing one is run first, as ``benchmarks/tofu.py`` runs it):
+
+- ``mia_auc``: each attack's ROC-AUC of the forget split's questions (members of the target's training set)
+  against the questions of two TOFU authors no model here trained on (``tofu:full[100:102]``);
+- ``privleak``: MUSE's relative difference of that AUC to the retain model's, per attack;
+- ``relearn_10`` / ``relearn_50``: forget ROUGE-L recall on the odd half of the forget questions after 10 / 50
+  AdamW steps (lr 5e-5, batch 4, bf16-mixed) on the even half (``relearn_half_before``: before);
+- ``quant_8bit`` / ``quant_4bit``: forget ROUGE-L after round-to-nearest weight quantisation (group 128);
+- ``probe_paraphrase`` / ``probe_hint``: forget ROUGE-L on the paraphrased questions / after a hint naming the author;
+- ``survived``: per attack, whether forget ROUGE-L rose by less than 0.05; ``recovered_share``: how much of
+  the gap between the unlearned model and the target the attack closed;
+- ``seconds`` per model.
+
+    python benchmarks/privacy.py                      # cpu20, forget01, every method (runs/ from benchmarks/tofu.py)
+    python benchmarks/privacy.py --methods npo,rmu --runs runs
+
+Prints one JSON line and stores it in ``benchmarks/results/privacy.json`` with ``privacy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+HOLDOUT = "tofu:full[100:102]"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--subset", default="cpu20")
+    ap.add_argument("--split", default="forget01")
+    ap.add_argument("--methods", default=None, help="comma list (default: every method of benchmarks/tofu.py)")
+    ap.add_argument("--runs", default=str(ROOT / "runs"), help="the TOFU method runs (benchmarks/tofu.py --runs)")
+    ap.add_argument("--holdout", default=HOLDOUT)
+    ap.add_argument("--relearn-lr", type=float, default=5e-5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    import torch
+
+    import tofu as tofu_bench
+    from lethe import privacy, tofu
+    from lethe.io import write_json
+    from lethe.models import load_model
+    from lethe.records import read_records
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    methods = [m for m in (args.methods or ",".join(tofu_bench.METHODS)).split(",") if m]
+    t_all = time.perf_counter()
+    target, retain = (tofu.ensure_finetuned(role, args.subset) for role in ("target", "retain"))
+    fmt = tofu_bench._preset_value(ROOT / "configs" / "tofu" / "smollm2_target.yaml", "prompt_format")
+    forget_records = read_records(f"tofu:{tofu.perturbed_split(args.split)}", "tofu", tofu_subset=args.subset)
+    holdout_records = read_records(args.holdout, "tofu")
+    forget, holdout = privacy.examples(forget_records), privacy.examples(holdout_records)
+    privacy.check_sets(forget, holdout, {"forget": args.split, "holdout": args.holdout})
+    settings = privacy.AttackSettings(relearn_lr=args.relearn_lr, bf16=True)
+
+    models = {"target": str(target), "retain": str(retain)}
+    for method in methods:
+        run_dir = Path(args.runs) / f"tofu_{args.subset}_{method}"
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            print(f"{method}: no run in {run_dir}; running its preset (benchmarks/tofu.py)", flush=True)
+            ns = argparse.Namespace(runs=args.runs, subset=args.subset, split=args.split, lora=False, max_steps=None,
+                                    override=None)
+            tofu_bench.run_method(method, ns, target, retain, Path(args.runs) / "privacy_benchmark.log")
+        models[method] = str(run_dir)
+
+    ref = load_model(retain)
+    ref_nll = {name: privacy.example_stats(ref.model, ref.tokenizer, "decoder", rows, fmt)["nll"]
+               for name, rows in (("forget", forget), ("holdout", holdout))}
+    del ref
+    result: dict = {"benchmark": "privacy", "model": "lethe:smollm2 (SmolLM2-135M-Instruct), TOFU fine-tunes",
+                    "subset": args.subset, "forget_split": args.split, "holdout": args.holdout,
+                    "n_forget": len(forget), "n_holdout": len(holdout), "reference": "retain",
+                    "attacks": {"mia": list(privacy.MIA_ATTACKS), "relearn": {"steps": list(settings.relearn_steps),
+                                "lr": settings.relearn_lr, "batch_size": settings.relearn_batch_size,
+                                "precision": "bf16-mixed", "train": "even forget questions",
+                                "scored": "odd forget questions"},
+                                "quantize": {"bits": list(settings.quant_bits), "group_size": settings.group_size,
+                                             "scheme": "symmetric round-to-nearest, per output channel and group, "
+                                                       "every linear layer but the output head"},
+                                "survive_tolerance": settings.survive_tolerance},
+                    "models": {}}
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        print(f"{name}: membership inference and recovery attacks ...", flush=True)
+        loaded = load_model(path)
+        stats = {k: privacy.example_stats(loaded.model, loaded.tokenizer, "decoder", rows, fmt)
+                 for k, rows in (("forget", forget), ("holdout", holdout))}
+        scores = {k: privacy.mia_scores(stats[k], rows, ref_nll[k]) for k, rows in (("forget", forget),
+                                                                                   ("holdout", holdout))}
+        row = {"mia_auc": {a: privacy.auc(scores["forget"][a], scores["holdout"][a]) for a in privacy.MIA_ATTACKS},
+               "exact_memorization": {k: float(s["exact_memorization"].mean()) for k, s in stats.items()},
+               "extraction_strength": {k: float(s["extraction_strength"].mean()) for k, s in stats.items()}}
+        rec = privacy.recovery(loaded.model, loaded.tokenizer, "decoder", forget_records, privacy.RECOVERY_ATTACKS,
+                               settings, fmt, progress=lambda msg, n=name: print(f"  {n}: {msg}", flush=True))
+        row.update({k: v for k, v in rec.items()})
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        result["models"][name] = row
+        print(f"  {name}: AUC loss {row['mia_auc']['loss']:.3f} min_k_pp {row['mia_auc']['min_k_pp']:.3f}; forget "
+              f"ROUGE-L {rec['forget']:.3f}, relearn_50 {rec.get('relearn_50', float('nan')):.3f}, 4-bit "
+              f"{rec.get('quant_4bit', float('nan')):.3f} ({row['seconds']} s)", flush=True)
+        del loaded
+    retain_auc = result["models"]["retain"]["mia_auc"]
+    tgt = result["models"]["target"]
+    for name, row in result["models"].items():
+        row["privleak"] = {a: privacy.privleak(v, retain_auc[a]) for a, v in row["mia_auc"].items()
+                           if a != "reference"}
+        if name not in ("target", "retain"):
+            row["recovered_share"] = {}
+            for key in row["survived"]:
+                before = row["relearn_half_before"] if key.startswith("relearn_") else row["forget"]
+                full = tgt["relearn_half_before"] if key.startswith("relearn_") else tgt["forget"]
+                gap = full - before
+                row["recovered_share"][key] = (row[key] - before) / gap if gap > 1e-9 else None
+    result["methods"] = methods
+    result["seconds"] = round(time.perf_counter() - t_all, 1)
+    line = json.dumps(result)
+    if not args.no_save:
+        out = Path(args.out)
+        write_json(out, result)
+        plot(result, out.with_suffix(".png"))
+    print(line)
+    return result
+
+
+def plot(result: dict, dest: Path) -> Path:
+    """MIA AUC (LOSS, Min-K%++) and forget ROUGE-L before / after each attack, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lethe.io import save_png
+
+    names = list(result["models"])
+    rows = [result["models"][n] for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4))
+    xs = np.arange(len(names))
+    for i, attack in enumerate(("loss", "min_k_pp", "reference")):
+        ax1.bar(xs + (i - 1) * 0.27, [r["mia_auc"][attack] for r in rows], 0.27, label=attack)
+    ax1.axhline(0.5, ls="--", color="k", lw=0.8)
+    ax1.set_xticks(xs, names, rotation=30)
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("MIA ROC-AUC, forget vs unseen authors")
+    ax1.legend(fontsize=7)
+    keys = ["forget", "relearn_50", "quant_4bit", "probe_paraphrase", "probe_hint"]
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax2.bar(xs + (i - len(keys) / 2 + 0.5) * width, [r.get(key, np.nan) for r in rows], width, label=key)
+    ax2.set_xticks(xs, names, rotation=30)
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("forget ROUGE-L recall")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"TOFU {result['forget_split']} ({result['subset']}), SmolLM2-135M: is it really gone?")
+    return save_png(fig, dest)
+
+
+if __name__ == "__main__":
+    main()
