@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
 
+    import tofu as tofu_bench
     import torch
 
-    import tofu as tofu_bench
     from lethe import privacy, tofu
     from lethe.io import write_json
     from lethe.models import load_model

@@ -72,7 +72,7 @@ class MembershipInference(L.Callback):
         else:
             dm = trainer.datamodule
             dm.setup("fit")
-            to_ex = lambda e: privacy.Example(e.get("prompt", ""), e["target"] if "target" in e else e["text"])  # noqa: E731
+            to_ex = lambda e: privacy.Example(e.get("prompt", ""), e["target"] if "target" in e else e["text"])
             forget, holdout = ([to_ex(e) for e in dm.sets.get(k) or []] for k in ("forget", "unseen"))
             where = {"forget": "data.init_args.forget", "holdout": "data.init_args.unseen"}
         privacy.check_sets(forget, holdout, where)

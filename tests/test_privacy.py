@@ -112,8 +112,8 @@ def test_relearning_recovers_and_leaves_the_attacked_model_alone(planted):
 
     loaded = load_model(planted["untrained"])
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    train, held = privacy.halves(_rows(planted["members"]))
-    score = lambda m: privacy.forget_score(m, loaded.tokenizer, "decoder", train)  # noqa: E731
+    train, _ = privacy.halves(_rows(planted["members"]))
+    score = lambda m: privacy.forget_score(m, loaded.tokenizer, "decoder", train)
     out = privacy.relearn(loaded.model, loaded.tokenizer, "decoder", train, (5, 40), score, lr=1e-2,
                           batch_size=8)
     assert set(out) == {5, 40} and out[40] > score(loaded.model) + 0.2
