@@ -233,6 +233,44 @@ def record_row(history: list[dict[str, Any]], trainer: L.Trainer, evaluate, pref
     return row
 
 
+class PeriodicEvaluation(L.Callback):
+    """A callback that scores the model at the start (``at_start``), every ``every_n_steps`` optimizer steps and at
+    the end of fit, keeping one row per step in ``history`` (checkpointed) and logging it under ``prefix``.
+    Subclasses give ``evaluate(trainer, pl_module) -> row`` and ``finish(trainer, last_row)`` (rank 0, at the end)."""
+
+    prefix = ""
+    skip: tuple[str, ...] = ("step",)
+
+    def __init__(self, every_n_steps: int = 10, at_start: bool = True) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"{type(self).__name__}.every_n_steps={every_n_steps!r}: must be an integer >= 0")
+        self.every_n_steps, self.at_start = every_n_steps, at_start
+        self.history: list[dict[str, Any]] = []
+
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish(self, trainer: L.Trainer, last: dict[str, Any]) -> None:
+        """Rank 0, after the last row: write reports, print a summary."""
+
+    def _record(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
+        return record_row(self.history, trainer, lambda: self.evaluate(trainer, pl_module), self.prefix, self.skip)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.at_start and not self.history:
+            self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._record(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        last = self._record(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.finish(trainer, last)
+
+
 def plot_history(history: list[dict[str, Any]], dest: str | Path, thresholds: dict[str, float] | None = None,
                  el_key: str = "el10", title: str | None = None, checks: list[dict[str, Any]] | None = None) -> Path:
     """Curves of MA, EL_n and perplexity for each set over steps, thresholds dashed, the stopping rule's

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
-from callbacks.forgetting import record_row
+from callbacks.forgetting import PeriodicEvaluation
 from lethe import privacy
 from lethe.io import save_png, write_json
 from lethe.metrics import MembershipAUROC
 
 
-class MembershipInference(L.Callback):
+class MembershipInference(PeriodicEvaluation):
     """MIA AUC of forget against holdout over training.
 
     Args:
@@ -40,19 +40,16 @@ class MembershipInference(L.Callback):
     def __init__(self, forget: str | None = None, holdout: str | None = None, kind: str = "tofu",
                  reference_model: str | None = None, every_n_steps: int = 10, batch_size: int = 16,
                  at_start: bool = True, report_dir: str | None = None) -> None:
-        super().__init__()
-        if not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(f"MembershipInference.every_n_steps={every_n_steps!r}: must be an integer >= 0")
+        super().__init__(every_n_steps, at_start)
         if (forget is None) != (holdout is None):
             raise ValueError("MembershipInference: give both forget and holdout, or neither (the datamodule's "
                              "forget and unseen sets)")
         self.forget, self.holdout, self.kind = forget, holdout, kind
         self.reference_model = reference_model
-        self.every_n_steps, self.batch_size, self.at_start = every_n_steps, batch_size, at_start
+        self.batch_size = batch_size
         self.report_dir = report_dir
         self.sets: dict[str, list[privacy.Example]] = {}
         self.reference_nll: dict[str, list[float]] = {}
-        self.history: list[dict[str, Any]] = []
 
     def _prompt_format(self, trainer: L.Trainer) -> str | None:
         dm = getattr(trainer, "datamodule", None)
@@ -120,23 +117,12 @@ class MembershipInference(L.Callback):
         row["seconds"] = round(time.perf_counter() - t0, 2)
         return row
 
-    def _record(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
-        return record_row(self.history, trainer, lambda: self.evaluate(trainer, pl_module), "mia/")
+    prefix = "mia/"
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        if self.at_start and not self.history:
-            self._record(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._record(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        last = self._record(trainer, pl_module)
-        if trainer.is_global_zero:
-            self.write_report(trainer)
-            print("membership inference: step {}: {}".format(
-                last["step"], ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.endswith("_auc"))), flush=True)
+    def finish(self, trainer: L.Trainer, last: dict[str, Any]) -> None:
+        self.write_report(trainer)
+        print("membership inference: step {}: {}".format(
+            last["step"], ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.endswith("_auc"))), flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "reference_nll": self.reference_nll}

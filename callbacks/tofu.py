@@ -30,14 +30,14 @@ from typing import Any
 
 import lightning as L
 
-from callbacks.forgetting import record_row
+from callbacks.forgetting import PeriodicEvaluation
 from lethe import tofu
 from lethe.io import save_png, write_json
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
 
 
-class TofuEvaluation(L.Callback):
+class TofuEvaluation(PeriodicEvaluation):
     """TOFU forget quality / model utility over training.
 
     Args:
@@ -59,27 +59,22 @@ class TofuEvaluation(L.Callback):
                  n_real_authors: int | None = 100, n_world_facts: int | None = 117, max_new_tokens: int = 48,
                  batch_size: int = 32, prompt_format: str | None = None, tofu_subset: str | None = None,
                  at_start: bool = True, report_dir: str | None = None, report: bool = True) -> None:
-        super().__init__()
-        if not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(f"TofuEvaluation.every_n_steps={every_n_steps!r}: must be an integer >= 0")
+        super().__init__(every_n_steps, at_start)
         if not forget_split.startswith("forget"):
             raise ValueError(f"TofuEvaluation.forget_split={forget_split!r}: name a TOFU forget split (forget01, "
                              "forget05, forget10)")
         self.forget_split = forget_split
         self.reference_model = reference_model
         self.reference_ratios_file = reference_ratios
-        self.every_n_steps = every_n_steps
         self.limits = {"retain": n_retain, "real_authors": n_real_authors, "world_facts": n_world_facts}
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.prompt_format = prompt_format
         self.tofu_subset = tofu_subset
-        self.at_start = at_start
         self.report_dir = report_dir
         self.report = report
         self.sets: dict[str, list] = {}
         self.reference: list[float] | None = None
-        self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -132,23 +127,11 @@ class TofuEvaluation(L.Callback):
         row["seconds"] = round(time.perf_counter() - t0, 2)
         return row
 
-    def _record(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
-        return record_row(self.history, trainer, lambda: self.evaluate(trainer, pl_module), "tofu/",
-                          skip=("step", "forget_truth_ratios"))
+    prefix = "tofu/"
+    skip = ("step", "forget_truth_ratios")
 
-    # ------------------------------------------------------------------ hooks
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        if self.at_start and not self.history:
-            self._record(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._record(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._record(trainer, pl_module)
-        if trainer.is_global_zero and self.report:
+    def finish(self, trainer: L.Trainer, last: dict[str, Any]) -> None:
+        if self.report:
             self.write_report(trainer)
             print(self.summary_line(), flush=True)
 
