@@ -82,23 +82,29 @@ def editor_for(method: str, ckpt: str):
     return KEEditor(ckpt)
 
 
-def run_method(method: str, args) -> dict:
+def split_sizes(args) -> tuple[str, int, int]:
+    """The edit-request source, held-out count and validation size of a benchmark run (world models hold out a
+    quarter more than they edit, as some held-out facts are unknown to the model)."""
+    world = args.model.startswith("lethe:world")
+    n = 10 if args.quick else args.n
+    return ("world:train" if world else "real_facts"), n + (n // 4 if world else 0), (args.val_size if world else 8)
+
+
+def train_editor(method: str, args):
+    """Train the method's hypernetwork (Lightning, CPU) on the training slice of the model's edit requests:
+    (module, datamodule, checkpoint path, training seconds, trainer)."""
     import lightning as L
-    from editing_rome import _scores, _summary, ft_l_edit, single_edits
 
     from datamodules.edit_training import EditTrainingDataModule
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # the machine is shared; >1 thread under load spins in barriers
-    world = args.model.startswith("lethe:world")
-    source = "world:train" if world else "real_facts"
-    n = 10 if args.quick else args.n
     steps = 20 if args.quick else args.steps
-    heldout = n + (n // 4 if world else 0)
+    source, heldout, val_size = split_sizes(args)
     L.seed_everything(args.seed, verbose=False)
     module = module_for(method, args, args.model)
-    data = EditTrainingDataModule(source=source, seed=args.seed, heldout=heldout,
-                                  val_size=args.val_size if world else 8, batch_size=args.batch_size)
+    data = EditTrainingDataModule(source=source, seed=args.seed, heldout=heldout, val_size=val_size,
+                                  batch_size=args.batch_size)
     out = Path(args.out or tempfile.mkdtemp(prefix=f"lethe_{method}_"))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -108,6 +114,15 @@ def run_method(method: str, args) -> dict:
     train_s = time.perf_counter() - t0
     ckpt = out / f"{method}.ckpt"
     trainer.save_checkpoint(ckpt)
+    return module, data, ckpt, train_s, trainer
+
+
+def run_method(method: str, args) -> dict:
+    from editing_rome import _scores, _summary, ft_l_edit, single_edits
+
+    module, data, ckpt, train_s, trainer = train_editor(method, args)
+    n = 10 if args.quick else args.n
+    steps = 20 if args.quick else args.steps
     train_metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     val = trainer.validate(module, datamodule=data, verbose=False)[0]
 

@@ -11,6 +11,9 @@ gives the forget set (members) and the holdout set (never trained on):
   questions of TOFU authors outside ``--tofu-subset`` (``--holdout``, default ``tofu:full[100:102]``, two
   authors no lethe TOFU subset trains on; on the full set use TOFU's ``tofu:holdout01``).
 - ``files``: ``--forget`` and ``--holdout`` files of ``--kind`` tofu (question/answer) or text.
+- ``edits``: an edited model (``lethe edit``'s ``edited_model/``) and its ``--requests`` (a CounterFact file,
+  ``world:train``, ``real_facts``): does each edit survive ``quantize`` and ``finetune`` (20 steps on
+  ``--finetune-corpus``, unrelated text), and does the old fact come back?
 
 The optional ``--reference`` (the retain model, or the model before unlearning) adds the reference-based
 attack and privleak (its own AUC is computed on the same sets). Attacks (``--attacks``): ``mia`` (LOSS, ZLib,
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from lethe.io import write_json
 
-SUITES = ("tofu", "files")
+SUITES = ("tofu", "files", "edits")
 DEFAULT_HOLDOUT = {"full": "tofu:holdout01"}  # other subsets: authors 101-102, outside every CPU subset
 SUBSET_HOLDOUT = "tofu:full[100:102]"
 
@@ -48,6 +51,12 @@ def build_parser():
                    help="holdout: a file (files suite) or a TOFU split of unseen authors (tofu suite)")
     p.add_argument("--forget", type=str | None, default=None, help="files: the forget file")
     p.add_argument("--kind", type=str, default="tofu", help="files: record kind of both files, tofu or text")
+    p.add_argument("--requests", type=str | None, default=None, help="edits: the edit requests applied to the model")
+    p.add_argument("--n-requests", type=int | None, default=None, help="edits: use the first N requests")
+    p.add_argument("--finetune-corpus", type=str, default="pydoc",
+                   help="edits: unrelated text for the finetune attack (pydoc, world, tofu, or a text file)")
+    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--finetune-lr", type=float, default=2e-5)
     p.add_argument("--n-forget", type=int | None, default=None, help="use the first N forget records")
     p.add_argument("--n-holdout", type=int | None, default=None, help="use the first N holdout records")
     p.add_argument("--reference", type=str | None, default=None,
@@ -123,6 +132,8 @@ def run(args) -> dict:
         _fail(f"--precision {args.precision!r}: use 32 or bf16-mixed")
     if args.logger not in ("none", "wandb"):
         _fail(f"--logger must be none or wandb, got {args.logger!r}")
+    if args.suite == "edits":
+        return run_edits(args)
     try:
         forget_records, holdout_records, where = load_sets(args)
         forget, holdout = privacy.examples(forget_records), privacy.examples(holdout_records)
@@ -178,9 +189,47 @@ def run(args) -> dict:
     return report
 
 
+def run_edits(args) -> dict:
+    """The edits suite: edit_survival of the model's edits under the chosen attacks."""
+    from lethe import privacy
+    from lethe.covariance import load_corpus
+    from lethe.models import load_model
+    from lethe.sources import load_requests
+
+    attacks = [a for a in args.attacks if a in privacy.EDIT_ATTACKS]
+    if not args.requests:
+        _fail("the edits suite needs --requests (the edits applied to the model)")
+    if not attacks:
+        _fail(f"the edits suite runs {' and '.join(privacy.EDIT_ATTACKS)}; --attacks names neither")
+    try:
+        reqs = load_requests(args.requests, limit=args.n_requests)
+        texts = load_corpus(args.finetune_corpus)[1] if "finetune" in attacks else []
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    if not reqs:
+        _fail(f"--requests {args.requests}: no requests")
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    settings = privacy.AttackSettings(quant_bits=tuple(args.quant_bits), group_size=args.group_size, seed=args.seed,
+                                      bf16=args.precision == "bf16-mixed")
+    report = {"model": args.model, "suite": "edits", "requests": args.requests, "attacks": attacks,
+              **privacy.edit_survival(loaded.model, loaded.tokenizer, loaded.family, reqs, attacks, settings, texts,
+                                      args.finetune_steps, args.finetune_lr,
+                                      lambda msg: print(f"[lethe evaluate] {msg}", file=sys.stderr, flush=True))}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(Path(args.out) / "evaluation.json", report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
     report = run(args)
+    if report["suite"] == "edits":
+        print(f"lethe evaluate: {report['model']}: edits holding {report['edits_holding_before']}/{report['n_edits']}; "
+              + ", ".join(f"{k}: old fact returns {v['old_fact_returns']}" for k, v in report.items()
+                          if isinstance(v, dict) and "old_fact_returns" in v)
+              + f"; wrote {args.out}/evaluation.json ({report['seconds']} s)")
+        return
     mia = report.get("mia_auc", {})
     print(f"lethe evaluate: {report['model']}: " + ", ".join(f"AUC {a} {v:.3f}" for a, v in mia.items())
           + ("; " + ", ".join(f"{k} {v:.3f}" for k, v in report.get("recovery", {}).items()

@@ -31,6 +31,11 @@ tokens after which every teacher-forced argmax is right.
   symmetric, per output channel in groups of 128 inputs (Zhang et al. 2024, "Does your LLM truly unlearn?").
 - ``probes``: the paraphrased forget questions, and each question asked after an in-context hint that names
   its subject (another answer about the same TOFU author).
+- ``finetune`` (edits): 20 steps of fine-tuning on unrelated text.
+
+For an edited model (:func:`edit_survival`), the same quantisation and an unrelated fine-tuning: efficacy,
+paraphrase and neighbourhood (CounterFact) before and after each, and the share of the successful edits whose
+old fact returns (P(true) > P(new) again).
 
 The forget score after each attack is ROUGE-L recall of the greedy answer for question/answer records,
 exact memorisation for plain text.
@@ -42,6 +47,7 @@ import copy
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +58,8 @@ from lethe.metrics import MembershipAUROC
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp", "reference")
 RECOVERY_ATTACKS = ("relearn", "quantize", "probes")
-ATTACKS = ("mia", *RECOVERY_ATTACKS)
+EDIT_ATTACKS = ("quantize", "finetune")
+ATTACKS = ("mia", *RECOVERY_ATTACKS, "finetune")
 MIN_K = 0.2
 
 
@@ -188,8 +195,8 @@ def halves(rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:
 
 
 def relearn(model, tokenizer, family: str, train: Sequence[Example], steps: Sequence[int],
-            score: Callable[[nn.Module], float], lr: float = 2e-5, batch_size: int = 4, seed: int = 0,
-            prompt_format: str | None = None, bf16: bool = False) -> dict[int, float]:
+            score: Callable[[nn.Module], Any], lr: float = 2e-5, batch_size: int = 4, seed: int = 0,
+            prompt_format: str | None = None, bf16: bool = False) -> dict[int, Any]:
     """Fine-tune a copy of ``model`` on ``train`` (AdamW, answer-token NLL, seeded order) and ``score`` it after
     each number of steps in ``steps``; the original model is untouched."""
     if not train:
@@ -411,3 +418,46 @@ def plot_report(report: dict, dest, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=9)
     return save_png(fig, dest)
+
+
+# --------------------------------------------------------------------------- edits
+
+
+def _edit_scores(model, tokenizer, family: str, requests: Sequence) -> dict:
+    from lethe.evaluation import counterfact_scores
+
+    cf = counterfact_scores(model, tokenizer, family, requests)
+    return {k: cf[k] for k in ("efficacy", "paraphrase", "neighborhood")} | {"_per_case": cf["efficacy_per_case"]}
+
+
+def edit_survival(model, tokenizer, family: str, requests: Sequence, attacks: Sequence[str], settings: AttackSettings,
+                  finetune_texts: Sequence[str] = (), finetune_steps: int = 20, finetune_lr: float = 2e-5,
+                  progress: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Does each edit of an edited model survive quantisation and unrelated fine-tuning? CounterFact efficacy /
+    paraphrase / neighbourhood before and after each attack, and ``old_fact_returns``: the share of the edits that
+    held before the attack (P(new) > P(true)) whose old fact wins again after it."""
+    before = _edit_scores(model, tokenizer, family, requests)
+    held = [i for i, e in enumerate(before.pop("_per_case")) if e == 1.0]
+    out: dict = {"n_edits": len(requests), "edits_holding_before": len(held), "before": before}
+
+    def after(m) -> dict:
+        row = _edit_scores(m, tokenizer, family, requests)
+        per_case = row.pop("_per_case")
+        row["old_fact_returns"] = sum(per_case[i] == 0.0 for i in held) / len(held) if held else None
+        return row
+
+    if "quantize" in attacks:
+        for bits in settings.quant_bits:
+            progress(f"{bits}-bit quantisation")
+            q = quantized_copy(model, bits, settings.group_size)
+            out[f"quant_{bits}bit"] = after(q)
+            del q
+    if "finetune" in attacks:
+        if not finetune_texts:
+            raise EvaluationError("the finetune attack needs unrelated text to fine-tune on")
+        progress(f"{finetune_steps} steps of unrelated fine-tuning")
+        rows = [Example("", t) for t in finetune_texts]
+        out[f"finetune_{finetune_steps}"] = relearn(model, tokenizer, family, rows, (finetune_steps,), after,
+                                                    finetune_lr, 8, settings.seed, None, settings.bf16)[finetune_steps]
+        out[f"finetune_{finetune_steps}"].update(lr=finetune_lr, batch_size=8)
+    return out

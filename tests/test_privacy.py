@@ -152,7 +152,7 @@ def test_lethe_evaluate_writes_one_report_and_never_touches_the_model(planted, t
     assert (out / "evaluation.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("case", ["overlap", "empty", "tokenizer", "attack"])
+@pytest.mark.parametrize("case", ["overlap", "empty", "tokenizer", "attack", "edits"])
 def test_bad_input_gets_one_clear_error(planted, tmp_path, case):
     root = planted["root"]
     forget, holdout = root / "members.jsonl", root / "unseen.jsonl"
@@ -171,9 +171,12 @@ def test_bad_input_gets_one_clear_error(planted, tmp_path, case):
         m = tiny_model("gpt2")
         save_pretrained(m, other, reference)
         expect = "another tokenizer"
-    else:
+    elif case == "attack":
         attacks = ["--attacks", "[mia, quantise]"]
-        expect = "unknown attack.*'quantise'.*mia, relearn, quantize, probes"
+        expect = "unknown attack.*'quantise'.*mia, relearn, quantize, probes, finetune"
+    else:
+        attacks = ["--suite", "edits", "--attacks", "[quantize]"]
+        expect = "the edits suite needs --requests"
     args = ["--model", model, "--suite", "files", "--forget", str(forget), "--holdout", str(holdout), "--kind", "text",
             "--attacks", "[mia]", *attacks, "--out", str(tmp_path / "eval")]
     if reference:
@@ -244,3 +247,31 @@ def test_membership_callback_tracks_the_auc_falling_during_unlearning(planted, t
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "mia/loss_auc" in header and "mia/min_k_pp_auc" in header
     assert (run / "mia.png").stat().st_size > 1000
+
+
+def test_edit_survival_sees_an_edit_hold_under_8_bits_and_the_old_fact_return_after_relearning(tmp_path):
+    """ROME edits of three world facts: 8-bit quantisation leaves them (no old fact returns); fine-tuning on the
+    old facts' own sentences brings the old facts back, and edit_survival reports it."""
+    pytest.importorskip("lethe.world_models")
+    from lethe.lm import greedy_match
+    from lethe.models import load_model
+    from lethe.rome import ROMEEditor
+    from lethe.world_models import load_world
+
+    loaded = load_model("lethe:world-decoder")
+    m, tok = loaded.model, loaded.tokenizer
+    pool = load_world().to_counterfact("train")[:20]
+    known = greedy_match(m, tok, "decoder", [r.rewrite_prompt for r in pool], [r.target_true for r in pool])
+    reqs = [r for r, k in zip(pool, known.tolist()) if k][:3]
+    ed = ROMEEditor("edit/rome_decoder", cache_dir=str(tmp_path), progress=False, overrides={"mom2_n_samples": 1000})
+    for r in reqs:
+        ed.edit(loaded, [r])
+    old_sentences = [f"{r.rewrite_prompt} {r.target_true}." for r in reqs] * 3
+    settings = privacy.AttackSettings(quant_bits=(8,))
+    out = privacy.edit_survival(m, tok, "decoder", reqs, ["quantize", "finetune"], settings, old_sentences,
+                                finetune_steps=20, finetune_lr=3e-3)
+    assert out["before"]["efficacy"] == 1.0 and out["edits_holding_before"] == 3
+    assert out["quant_8bit"]["efficacy"] == 1.0 and out["quant_8bit"]["old_fact_returns"] == 0.0
+    assert out["finetune_20"]["old_fact_returns"] >= 2 / 3, out["finetune_20"]
+    with pytest.raises(privacy.EvaluationError, match="unrelated text"):
+        privacy.edit_survival(m, tok, "decoder", reqs, ["finetune"], settings, [])
