@@ -44,6 +44,7 @@ exact memorisation for plain text.
 from __future__ import annotations
 
 import copy
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -345,8 +346,11 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
                                          settings.batch_size)
     out: dict = {"forget_score": "rougeL_recall" if forget[0].prompt and family == "decoder" else
                  "exact_memorization"}
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     progress("forget score")
     out["forget"] = score(model, forget)
+    seconds["forget"] = time.perf_counter() - t0
     if "relearn" in attacks:
         train, held = halves(forget)
         out["relearn_half_before"] = score(model, held)
@@ -355,20 +359,24 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
                         settings.relearn_lr, settings.relearn_batch_size, settings.seed, prompt_format, settings.bf16)
         for k, v in after.items():
             out[f"relearn_{k}"] = v
+        seconds["relearn"] = time.perf_counter() - t0 - sum(seconds.values())
     if "quantize" in attacks:
         for bits in settings.quant_bits:
             progress(f"{bits}-bit quantisation")
             q = quantized_copy(model, bits, settings.group_size)
             out[f"quant_{bits}bit"] = score(q, forget)
             del q
+        seconds["quantize"] = time.perf_counter() - t0 - sum(seconds.values())
     if "probes" in attacks:
         for name, rows in (("probe_paraphrase", paraphrased(forget_records)), ("probe_hint", hinted(forget_records))):
             if rows is not None:
                 progress(name.replace("_", " "))
                 out[name] = score(model, rows)
+        seconds["probes"] = time.perf_counter() - t0 - sum(seconds.values())
     base = {k: (out["relearn_half_before"] if k.startswith("relearn_") else out["forget"])
             for k in out if k.startswith(("relearn_", "quant_", "probe_")) and k != "relearn_half_before"}
     out["survived"] = {k: bool(out[k] - b < settings.survive_tolerance) for k, b in base.items()}
+    out["attack_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return out
 
 
