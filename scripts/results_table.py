@@ -79,10 +79,11 @@ def rows() -> list[tuple[str, str, str, str]]:
     d = _load("privacy")
     if d:
         for name, m in d["models"].items():
-            out.append(((f"Is it gone? TOFU {d['forget_split']} ({d['subset']}) {name}: MIA AUC (LOSS), forget "
-                         "ROUGE-L, after relearn 50 / 4-bit"), "SmolLM2-135M",
-                        (f"{_f(m['mia_auc']['loss'])}, {_f(m['forget'])}, {_f(m.get('relearn_50'))} / "
-                         f"{_f(m.get('quant_4bit'))}"), "`python benchmarks/privacy.py`"))
+            out.append(((f"Is it gone? TOFU {d['forget_split']} ({d['subset']}) {name}: MIA AUC (LOSS), privleak; "
+                         "forget ROUGE-L; relearned half before → after 50 steps; after 4-bit"), "SmolLM2-135M",
+                        (f"{_f(m['mia_auc']['loss'])}, {m['privleak']['loss']:+.0f}; {_f(m['forget'])}; "
+                         f"{_f(m.get('relearn_half_before'))} → {_f(m.get('relearn_50'))}; {_f(m.get('quant_4bit'))}"),
+                        "`python benchmarks/privacy.py`"))
     d = _load("world_recall")
     if d:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):
