@@ -1,6 +1,6 @@
 """``lethe evaluate``: is the knowledge gone, or only hidden? Membership inference and recovery attacks.
 
-    lethe evaluate --model runs/tofu_npo --suite tofu --forget-split forget01 --tofu-subset cpu20 \\
+    lethe evaluate --model runs/smollm2_npo --suite tofu --forget-split forget01 --tofu-subset cpu20 \\
         --reference lethe:smollm2-tofu-cpu20-retain --out evals/npo
     lethe evaluate --model my-model --suite files --forget forget.jsonl --holdout unseen.jsonl --kind text --out evals/x
 
@@ -36,11 +36,16 @@ SUBSET_HOLDOUT = "tofu:full[100:102]"
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    import argparse
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
     from lethe.privacy import ATTACKS
 
-    p = ArgumentParser(prog="lethe evaluate", description=__doc__)
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the description's line breaks (its command examples)."""
+
+    p = ArgumentParser(prog="lethe evaluate", description=__doc__, formatter_class=Formatter)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML of these options")
     p.add_argument("--model", type=str, required=True,
                    help="hub name, local folder, lethe alias, lethe fit run folder or .ckpt")
