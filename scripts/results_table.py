@@ -84,6 +84,20 @@ def rows() -> list[tuple[str, str, str, str]]:
                         (f"{_f(m['mia_auc']['loss'])}, {m['privleak']['loss']:+.0f}; {_f(m['forget'])}; "
                          f"{_f(m.get('relearn_half_before'))} → {_f(m.get('relearn_50'))}; {_f(m.get('quant_4bit'))}"),
                         "`python benchmarks/privacy.py`"))
+    d = _load("edit_robustness")
+    if d:
+        for model, per in d["models"].items():
+            for method in ("rome", "memit", "mend"):
+                r = per.get(method)
+                if not r:
+                    continue
+                returns = " / ".join(_f(r[k]["old_fact_returns"]) for k in ("quant_8bit", "quant_4bit", "finetune_20")
+                                     if k in r)
+                out.append(((f"Edits under attack: {method.upper()}, {per['n_edits']} edits: before → after 4-bit; "
+                             "old facts returned after 8-bit / 4-bit / 20 fine-tuning steps"),
+                            model.replace("lethe:", "").replace("smollm2", "SmolLM2-135M"),
+                            f"{_epn(r['before'])} → {_epn(r['quant_4bit'])}; {returns}",
+                            "`python benchmarks/edit_robustness.py`"))
     d = _load("world_recall")
     if d:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):
