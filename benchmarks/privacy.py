@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         models[method] = str(run_dir)
 
     ref = load_model(retain)
-    ref_nll = {name: privacy.example_stats(ref.model, ref.tokenizer, "decoder", rows, fmt)["nll"]
-               for name, rows in (("forget", forget), ("holdout", holdout))}
+    _, ref_nll = privacy.membership(ref.model, ref.tokenizer, "decoder", forget, holdout, fmt)
     del ref
     result: dict = {"benchmark": "privacy", "model": "lethe:smollm2 (SmolLM2-135M-Instruct), TOFU fine-tunes",
                     "subset": args.subset, "forget_split": args.split, "holdout": args.holdout,
@@ -98,13 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         print(f"{name}: membership inference and recovery attacks ...", flush=True)
         loaded = load_model(path)
-        stats = {k: privacy.example_stats(loaded.model, loaded.tokenizer, "decoder", rows, fmt)
-                 for k, rows in (("forget", forget), ("holdout", holdout))}
-        scores = {k: privacy.mia_scores(stats[k], rows, ref_nll[k]) for k, rows in (("forget", forget),
-                                                                                   ("holdout", holdout))}
-        row = {"mia_auc": {a: privacy.auc(scores["forget"][a], scores["holdout"][a]) for a in privacy.MIA_ATTACKS},
-               "exact_memorization": {k: float(s["exact_memorization"].mean()) for k, s in stats.items()},
-               "extraction_strength": {k: float(s["extraction_strength"].mean()) for k, s in stats.items()}}
+        row = privacy.membership(loaded.model, loaded.tokenizer, "decoder", forget, holdout, fmt, ref_nll)[0]
         rec = privacy.recovery(loaded.model, loaded.tokenizer, "decoder", forget_records, privacy.RECOVERY_ATTACKS,
                                settings, fmt, progress=lambda msg, n=name: print(f"  {n}: {msg}", flush=True))
         row.update({k: v for k, v in rec.items()})

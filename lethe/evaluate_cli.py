@@ -161,11 +161,13 @@ def run(args) -> dict:
                     "attacks": list(args.attacks)}
     if "mia" in args.attacks:
         progress(f"membership inference on {len(forget)} forget and {len(holdout)} holdout examples")
+        ref, ref_nll = None, None
+        if reference is not None:  # the reference's own AUCs (privleak) and its NLLs (the reference attack)
+            ref, ref_nll = privacy.membership(reference.model, reference.tokenizer, reference.family, forget,
+                                              holdout, fmt, None, args.batch_size)
         report.update(privacy.membership(loaded.model, loaded.tokenizer, loaded.family, forget, holdout, fmt,
-                                         reference.model if reference else None, args.batch_size))
-        if reference is not None:
-            ref = privacy.membership(reference.model, reference.tokenizer, reference.family, forget, holdout, fmt,
-                                     None, args.batch_size)
+                                         ref_nll, args.batch_size)[0])
+        if ref is not None:
             report["reference_mia_auc"] = ref["mia_auc"]
             report["privleak"] = {a: privacy.privleak(v, ref["mia_auc"][a]) for a, v in report["mia_auc"].items()
                                   if a != "reference"}

@@ -275,9 +275,9 @@ def hinted(records: Sequence) -> list[Example] | None:
     """Each TOFU forget question asked after a hint naming its subject: another answer about the same author
     (the author's first question's answer, or the second's for the first). None when the records are not TOFU
     author questions."""
-    from lethe.records import _author_of
+    from lethe.records import tofu_author_index
 
-    author = _author_of()
+    author = tofu_author_index()
     if not records or not all(hasattr(r, "question") and r.question in author for r in records):
         return None
     by_author: dict[int, list] = {}
@@ -319,21 +319,20 @@ class AttackSettings:
 
 
 def membership(model, tokenizer, family: str, forget: Sequence[Example], holdout: Sequence[Example],
-               prompt_format: str | None = None, reference: nn.Module | None = None,
-               batch_size: int = 16) -> dict:
-    """Every MIA attack's AUC, exact memorisation and extraction strength, on forget vs holdout."""
-    stats = {name: example_stats(model, tokenizer, family, rows, prompt_format, batch_size)
-             for name, rows in (("forget", forget), ("holdout", holdout))}
-    ref_nll = {name: None for name in stats}
-    if reference is not None:
-        ref_nll = {name: example_stats(reference, tokenizer, family, rows, prompt_format, batch_size)["nll"]
-                   for name, rows in (("forget", forget), ("holdout", holdout))}
-    scores = {name: mia_scores(stats[name], rows, ref_nll[name])
-              for name, rows in (("forget", forget), ("holdout", holdout))}
-    return {"mia_auc": {a: auc(scores["forget"][a], scores["holdout"][a]) for a in scores["forget"]},
-            **{q: {name: float(stats[name][q].mean()) for name in stats}
-               for q in ("exact_memorization", "extraction_strength")},
-            "mean_nll": {name: float(stats[name]["nll"].mean()) for name in stats}}
+               prompt_format: str | None = None, reference_nll: dict[str, np.ndarray] | None = None,
+               batch_size: int = 16) -> tuple[dict, dict[str, np.ndarray]]:
+    """Every MIA attack's AUC, exact memorisation and extraction strength on forget vs holdout, and the model's
+    per-example NLLs (``{"forget": ..., "holdout": ...}``: the ``reference_nll`` of another model's call, when
+    this model is the reference). ``reference_nll`` adds the reference attack."""
+    sets = {"forget": forget, "holdout": holdout}
+    stats = {name: example_stats(model, tokenizer, family, rows, prompt_format, batch_size) for name, rows in sets.items()}
+    scores = {name: mia_scores(stats[name], rows, reference_nll[name] if reference_nll else None)
+              for name, rows in sets.items()}
+    report = {"mia_auc": {a: auc(scores["forget"][a], scores["holdout"][a]) for a in scores["forget"]},
+              **{q: {name: float(stats[name][q].mean()) for name in stats}
+                 for q in ("exact_memorization", "extraction_strength")},
+              "mean_nll": {name: float(stats[name]["nll"].mean()) for name in stats}}
+    return report, {name: stats[name]["nll"] for name in stats}
 
 
 def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: Sequence[str],

@@ -620,7 +620,7 @@ TOFU_SUBSETS: dict[str, dict] = {
 QUESTIONS_PER_AUTHOR = 20
 
 
-def _author_of() -> dict[str, int]:
+def tofu_author_index() -> dict[str, int]:
     """question -> TOFU author index (0-199, full.json's order), from wherever TOFU loads now."""
     from lethe.io import tofu_dir
 
@@ -647,7 +647,7 @@ def subset_records(records: list, split: str, subset: str) -> list:
     keep = subset_authors(subset)
     if keep is None:
         return list(records)
-    author = _author_of()
+    author = tofu_author_index()
     out = [r for r in records if author.get(r.question) is None or author[r.question] in keep]
     if split.startswith("forget") and len(out) < len(records):
         raise ValueError(f"tofu:{split} has {len(records) - len(out)} of its {len(records)} questions outside "
@@ -670,7 +670,7 @@ def parse_split(spec: str) -> tuple[str, slice | None]:
 
 def author_slice(records: list, split: str, authors: slice) -> list:
     """The records of the split's authors ``authors`` (counted in the split's order)."""
-    author = _author_of()
+    author = tofu_author_index()
     order: list[int] = []
     for r in records:
         a = author.get(r.question)

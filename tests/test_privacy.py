@@ -57,7 +57,7 @@ def _aucs(path: str, planted) -> dict:
 
     loaded = load_model(path)
     return privacy.membership(loaded.model, loaded.tokenizer, "decoder", _rows(planted["members"]),
-                              _rows(planted["unseen"]))["mia_auc"]
+                              _rows(planted["unseen"]))[0]["mia_auc"]
 
 
 def test_attacks_find_planted_members_and_not_in_an_untrained_model(planted):
