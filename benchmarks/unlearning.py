@@ -41,7 +41,8 @@ import lightning as L
 import torch
 
 from callbacks.forgetting import ForgettingTracker
-from datamodules.forget_retain import ForgetRetainDataModule, builtin_sets, fact_sentences, world_split
+from datamodules.forget_retain import ForgetRetainDataModule
+from lethe.sources import builtin_sets, fact_sentences, world_split
 from lightning_modules.unlearning import UnlearningModule
 
 # Per-method settings on the world decoder are the presets' (configs/unlearn/world_decoder_<method>.yaml),

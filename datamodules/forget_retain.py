@@ -19,7 +19,6 @@ the model's context) are truncated with a warning, or rejected with ``on_long: e
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from functools import partial
@@ -27,7 +26,7 @@ from functools import partial
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.lm import ExampleDataset, ModelDataModule, check_lengths, collate_examples, load_examples
-from lethe.io import MEMORISED_PASSAGES
+from lethe.sources import builtin_sets, fact_sentences, world_split  # noqa: F401 -- their former home
 
 
 def _key(example: dict) -> tuple:
@@ -248,40 +247,6 @@ class ForgetRetainDataModule(ModelDataModule):
     def eval_loader(self, name: str) -> DataLoader:
         return DataLoader(ExampleDataset(self.sets[name]), batch_size=self.hparams.eval_batch_size,
                           collate_fn=self._collate())
-
-
-def world_split(n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64, seed: int = 0) -> dict[str, list]:
-    """Disjoint fact samples of lethe's world: forget/retain from training facts, unseen from held-out ones."""
-    from lethe.world import load_world
-
-    world = load_world()
-    train = list(world.train_facts)
-    rng = random.Random(seed)
-    rng.shuffle(train)
-    unseen = list(world.unseen_facts)
-    rng.shuffle(unseen)
-    if n_forget + n_retain > len(train):
-        raise ValueError(f"n_forget + n_retain = {n_forget + n_retain} > {len(train)} training facts")
-    return {"world": world, "forget": train[:n_forget], "retain": train[n_forget:n_forget + n_retain],
-            "unseen": unseen[:n_unseen]}
-
-
-def fact_sentences(world, facts) -> list[str]:
-    """A fact's sentences: the fact completed in each of its training templates."""
-    return [world.sentence(p, f.object) for f in facts for p in world.training_prompts(f)]
-
-
-def builtin_sets(name: str, n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64,
-                 seed: int = 0) -> dict[str, list[str]]:
-    """Texts of a built-in forget/retain/unseen set (see ForgetRetainDataModule's ``builtin``)."""
-    if name == "world":
-        split = world_split(n_forget, n_retain, n_unseen, seed)
-        return {k: fact_sentences(split["world"], split[k]) for k in ("forget", "retain", "unseen")}
-    if name == "memorised_passages":
-        data = json.loads(MEMORISED_PASSAGES.read_text())
-        return {"forget": [x["text"] for x in data["memorised"] if x.get("selected")], "retain": [],
-                "unseen": [x["text"] for x in data["unseen"]]}
-    raise ValueError(f"data.init_args.builtin={name!r}: use 'world' or 'memorised_passages'")
 
 
 def _context_length(model) -> int | None:

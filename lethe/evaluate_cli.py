@@ -10,6 +10,9 @@ gives the forget set (members) and the holdout set (never trained on):
 - ``tofu``: the forget split's questions (``tofu:<split>_perturbed``: with paraphrased questions) against the
   questions of TOFU authors outside ``--tofu-subset`` (``--holdout``, default ``tofu:full[100:102]``, two
   authors no lethe TOFU subset trains on; on the full set use TOFU's ``tofu:holdout01``).
+- ``world``: the world-decoder unlearning presets' sets (``data.init_args.builtin: world``): the sentences of the
+  ``--n-forget`` forgotten training facts against those of ``--n-holdout`` facts the world models never trained
+  on; a run folder's own ``n_forget`` / ``n_unseen`` / ``seed`` are read from its config.
 - ``files``: ``--forget`` and ``--holdout`` files of ``--kind`` tofu (question/answer) or text.
 - ``edits``: an edited model (``lethe edit``'s ``edited_model/``) and its ``--requests`` (a CounterFact file,
   ``world:train``, ``real_facts``): does each edit survive ``quantize`` and ``finetune`` (20 steps on
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from lethe.io import write_json
 
-SUITES = ("tofu", "files", "edits")
+SUITES = ("tofu", "world", "files", "edits")
 DEFAULT_HOLDOUT = {"full": "tofu:holdout01"}  # other subsets: authors 101-102, outside every CPU subset
 SUBSET_HOLDOUT = "tofu:full[100:102]"
 
@@ -92,7 +95,7 @@ def _fail(msg: str) -> None:
 
 def load_sets(args) -> tuple[list, list, dict[str, str]]:
     """The forget and holdout records of the suite, and where each came from."""
-    from lethe.records import read_records
+    from lethe.records import TextRecord, read_records
 
     if args.suite == "tofu":
         from lethe.tofu import perturbed_split
@@ -101,6 +104,17 @@ def load_sets(args) -> tuple[list, list, dict[str, str]]:
                  "holdout": args.holdout or DEFAULT_HOLDOUT.get(args.tofu_subset, SUBSET_HOLDOUT)}
         forget = read_records(where["forget"], "tofu", tofu_subset=args.tofu_subset)
         holdout = read_records(where["holdout"], "tofu")
+    elif args.suite == "world":
+        from lethe.sources import builtin_sets
+
+        data = run_data(args.model)
+        n_forget = args.n_forget or data.get("n_forget") or 32
+        n_unseen = args.n_holdout or data.get("n_unseen") or 64
+        seed = data.get("seed", 0) if isinstance(data.get("seed"), int) else 0
+        sets = builtin_sets("world", n_forget, data.get("n_retain") or 256, n_unseen, seed)
+        where = {"forget": f"world: {n_forget} training facts (seed {seed})",
+                 "holdout": f"world: {n_unseen} unseen facts (seed {seed})"}
+        return [TextRecord(t) for t in sets["forget"]], [TextRecord(t) for t in sets["unseen"]], where
     elif args.suite == "files":
         if not args.forget or not args.holdout:
             _fail("the files suite needs --forget and --holdout")
@@ -113,15 +127,16 @@ def load_sets(args) -> tuple[list, list, dict[str, str]]:
     return forget[:args.n_forget], holdout[:args.n_holdout], where
 
 
-def run_prompt_format(model: str) -> str | None:
-    """A run folder's own prompt format (its data section), so a run is scored as it was trained."""
+def run_data(model: str) -> dict:
+    """A run folder's data arguments (its config.yaml), so a run is scored on the sets and in the format it was
+    trained with; {} for anything else."""
     import yaml
 
     cfg = Path(model) / "config.yaml"
     if not cfg.is_file():
-        return None
+        return {}
     data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
-    return (data.get("init_args") or {}).get("prompt_format")
+    return data.get("init_args") or {}
 
 
 def run(args) -> dict:
@@ -145,7 +160,7 @@ def run(args) -> dict:
         privacy.check_sets(forget, holdout, where)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    fmt = args.prompt_format or run_prompt_format(args.model)
+    fmt = args.prompt_format or run_data(args.model).get("prompt_format")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     loaded = load_model(args.model)

@@ -1,11 +1,15 @@
 """Where edit requests come from, named one way for every command: ``world[:split]`` (lethe's synthetic
-world, CounterFact or zsRE form), ``real_facts`` (the bundled facts SmolLM2 knows) or a records file."""
+world, CounterFact or zsRE form), ``real_facts`` (the bundled facts SmolLM2 knows) or a records file; and the
+built-in forget / retain / unseen text sets of unlearning (``builtin_sets``: the world's facts, memorised
+passages)."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
-from lethe.io import REAL_FACTS
+from lethe.io import MEMORISED_PASSAGES, REAL_FACTS
 from lethe.records import EditRequest, read_records
 
 
@@ -36,3 +40,37 @@ def load_requests(source: str, kind: str = "counterfact", limit: int | None = No
     if not reqs:
         raise ValueError(f"edit requests: {source} gave no requests (offset={offset}, limit={limit})")
     return reqs
+
+
+def world_split(n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64, seed: int = 0) -> dict[str, list]:
+    """Disjoint fact samples of lethe's world: forget/retain from training facts, unseen from held-out ones."""
+    from lethe.world import load_world
+
+    world = load_world()
+    train = list(world.train_facts)
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    unseen = list(world.unseen_facts)
+    rng.shuffle(unseen)
+    if n_forget + n_retain > len(train):
+        raise ValueError(f"n_forget + n_retain = {n_forget + n_retain} > {len(train)} training facts")
+    return {"world": world, "forget": train[:n_forget], "retain": train[n_forget:n_forget + n_retain],
+            "unseen": unseen[:n_unseen]}
+
+
+def fact_sentences(world, facts) -> list[str]:
+    """A fact's sentences: the fact completed in each of its training templates."""
+    return [world.sentence(p, f.object) for f in facts for p in world.training_prompts(f)]
+
+
+def builtin_sets(name: str, n_forget: int = 32, n_retain: int = 256, n_unseen: int = 64,
+                 seed: int = 0) -> dict[str, list[str]]:
+    """Texts of a built-in forget/retain/unseen set (see ForgetRetainDataModule's ``builtin``)."""
+    if name == "world":
+        split = world_split(n_forget, n_retain, n_unseen, seed)
+        return {k: fact_sentences(split["world"], split[k]) for k in ("forget", "retain", "unseen")}
+    if name == "memorised_passages":
+        data = json.loads(MEMORISED_PASSAGES.read_text())
+        return {"forget": [x["text"] for x in data["memorised"] if x.get("selected")], "retain": [],
+                "unseen": [x["text"] for x in data["unseen"]]}
+    raise ValueError(f"data.init_args.builtin={name!r}: use 'world' or 'memorised_passages'")

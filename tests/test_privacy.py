@@ -275,3 +275,20 @@ def test_edit_survival_sees_an_edit_hold_under_8_bits_and_the_old_fact_return_af
     assert out["finetune_20"]["old_fact_returns"] >= 2 / 3, out["finetune_20"]
     with pytest.raises(privacy.EvaluationError, match="unrelated text"):
         privacy.edit_survival(m, tok, "decoder", reqs, ["finetune"], settings, [])
+
+
+def test_world_suite_tells_the_world_models_training_facts_from_unseen_ones(tmp_path):
+    """``--suite world``: the unlearning presets' forget facts (trained on) against unseen facts; the pretrained
+    world decoder still holds its forget facts, so the loss attack separates them."""
+    pytest.importorskip("lethe.world_models")
+    out = tmp_path / "eval"
+    _evaluate(["--model", "lethe:world-decoder", "--suite", "world", "--attacks", "[mia, quantize]",
+               "--quant-bits", "[8]", "--n-forget", "8", "--n-holdout", "8", "--out", str(out)])
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["sets"]["forget"].startswith("world: 8 training facts")
+    assert report["n_forget"] > 8 and report["n_holdout"] > 8  # several sentences per fact
+    assert report["mia_auc"]["loss"] >= 0.9, report["mia_auc"]
+    em = report["exact_memorization"]
+    assert em["forget"] > em["holdout"] + 0.1, em  # whole sentences: a subject's first token is a guess in both
+    assert report["recovery"]["forget_score"] == "exact_memorization"
+    assert report["recovery"]["quant_8bit"] == pytest.approx(em["forget"], abs=0.05)
