@@ -110,14 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     retain_auc = result["models"]["retain"]["mia_auc"]
     tgt = result["models"]["target"]
     for name, row in result["models"].items():
-        row["privleak"] = {a: privacy.privleak(v, retain_auc[a]) for a, v in row["mia_auc"].items()
-                           if a != "reference"}
+        row["privleak"] = privacy.privleak_by_attack(row["mia_auc"], retain_auc)
         if name not in ("target", "retain"):
             row["recovered_share"] = {}
             for key in row["survived"]:
-                before = row["relearn_half_before"] if key.startswith("relearn_") else row["forget"]
-                full = tgt["relearn_half_before"] if key.startswith("relearn_") else tgt["forget"]
-                gap = full - before
+                before = privacy.attack_baseline(row, key)
+                gap = privacy.attack_baseline(tgt, key) - before
                 row["recovered_share"][key] = (row[key] - before) / gap if gap > 1e-9 else None
     result["methods"] = methods
     result["seconds"] = round(time.perf_counter() - t_all, 1)

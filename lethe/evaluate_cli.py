@@ -139,6 +139,17 @@ def run_data(model: str) -> dict:
     return data.get("init_args") or {}
 
 
+def attack_settings(args):
+    """The attacks' bounds from the command line."""
+    from lethe.privacy import AttackSettings
+
+    return AttackSettings(relearn_steps=tuple(args.relearn_steps), relearn_lr=args.relearn_lr,
+                          relearn_batch_size=args.relearn_batch_size, quant_bits=tuple(args.quant_bits),
+                          group_size=args.group_size, survive_tolerance=args.survive_tolerance, seed=args.seed,
+                          bf16=args.precision == "bf16-mixed", max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size)
+
+
 def run(args) -> dict:
     import torch
 
@@ -184,17 +195,11 @@ def run(args) -> dict:
                                          ref_nll, args.batch_size)[0])
         if ref is not None:
             report["reference_mia_auc"] = ref["mia_auc"]
-            report["privleak"] = {a: privacy.privleak(v, ref["mia_auc"][a]) for a, v in report["mia_auc"].items()
-                                  if a != "reference"}
+            report["privleak"] = privacy.privleak_by_attack(report["mia_auc"], ref["mia_auc"])
     recovery = [a for a in args.attacks if a in privacy.RECOVERY_ATTACKS]
     if recovery:
-        settings = privacy.AttackSettings(
-            relearn_steps=tuple(args.relearn_steps), relearn_lr=args.relearn_lr,
-            relearn_batch_size=args.relearn_batch_size, quant_bits=tuple(args.quant_bits),
-            group_size=args.group_size, survive_tolerance=args.survive_tolerance, seed=args.seed,
-            bf16=args.precision == "bf16-mixed", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         report["recovery"] = privacy.recovery(loaded.model, loaded.tokenizer, loaded.family, forget_records,
-                                              recovery, settings, fmt, progress)
+                                              recovery, attack_settings(args), fmt, progress)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     write_json(out / "evaluation.json", report)
@@ -232,8 +237,7 @@ def run_edits(args) -> dict:
         _fail(f"--requests {args.requests}: no requests")
     t0 = time.perf_counter()
     loaded = load_model(args.model)
-    settings = privacy.AttackSettings(quant_bits=tuple(args.quant_bits), group_size=args.group_size, seed=args.seed,
-                                      bf16=args.precision == "bf16-mixed")
+    settings = attack_settings(args)
     report = {"model": args.model, "suite": "edits", "requests": args.requests, "attacks": attacks,
               **privacy.edit_survival(loaded.model, loaded.tokenizer, loaded.family, reqs, attacks, settings, texts,
                                       args.finetune_steps, args.finetune_lr,

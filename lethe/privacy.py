@@ -60,7 +60,7 @@ from lethe.metrics import MembershipAUROC
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp", "reference")
 RECOVERY_ATTACKS = ("relearn", "quantize", "probes")
 EDIT_ATTACKS = ("quantize", "finetune")
-ATTACKS = ("mia", *RECOVERY_ATTACKS, "finetune")
+ATTACKS = ("mia", *dict.fromkeys(RECOVERY_ATTACKS + EDIT_ATTACKS))
 MIN_K = 0.2
 
 
@@ -171,20 +171,36 @@ def privleak(auc_model: float, auc_retain: float) -> float:
     return (auc_model - auc_retain) / auc_retain * 100.0
 
 
+def privleak_by_attack(mia_auc: dict[str, float], retain_mia_auc: dict[str, float]) -> dict[str, float]:
+    """privleak of every attack but the reference one (against the retain model it is the retain model itself)."""
+    return {a: privleak(v, retain_mia_auc[a]) for a, v in mia_auc.items() if a != "reference"}
+
+
 # --------------------------------------------------------------------------- forget scores
+
+
+def forget_metric(rows: Sequence[Example], family: str) -> str:
+    """What :func:`forget_score` measures: ROUGE-L recall of greedy answers when every example is a question to a
+    decoder, else exact memorisation."""
+    return "rougeL_recall" if rows and all(e.prompt for e in rows) and family == "decoder" else "exact_memorization"
 
 
 def forget_score(model, tokenizer, family: str, rows: Sequence[Example], prompt_format: str | None = None,
                  max_new_tokens: int = 48, batch_size: int = 16) -> float:
-    """How much of the forget set the model still says: ROUGE-L recall of the greedy answer for questions,
-    exact memorisation for plain text."""
-    if rows and all(e.prompt for e in rows) and family == "decoder":
+    """How much of the forget set the model still says (:func:`forget_metric`)."""
+    if forget_metric(rows, family) == "rougeL_recall":
         from lethe.tofu import greedy_answers, rouge_l_recall
 
         answers = greedy_answers(model, tokenizer, [e.prompt for e in rows], max_new_tokens, batch_size,
                                  prompt_format)
         return float(np.mean([rouge_l_recall(a, e.target) for a, e in zip(answers, rows)]))
     return float(example_stats(model, tokenizer, family, rows, prompt_format, batch_size)["exact_memorization"].mean())
+
+
+def attack_baseline(report: dict, key: str) -> float:
+    """The forget score an attack's score ``report[key]`` is compared with: the scored half before relearning for
+    ``relearn_<k>``, the whole forget set otherwise."""
+    return report["relearn_half_before"] if key.startswith("relearn_") else report["forget"]
 
 
 def halves(rows: Sequence[Example]) -> tuple[list[Example], list[Example]]:
@@ -343,8 +359,7 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
     forget = examples(forget_records)
     score = lambda m, rows: forget_score(m, tokenizer, family, rows, prompt_format, settings.max_new_tokens,
                                          settings.batch_size)
-    out: dict = {"forget_score": "rougeL_recall" if forget[0].prompt and family == "decoder" else
-                 "exact_memorization"}
+    out: dict = {"forget_score": forget_metric(forget, family)}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     progress("forget score")
@@ -372,9 +387,8 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
                 progress(name.replace("_", " "))
                 out[name] = score(model, rows)
         seconds["probes"] = time.perf_counter() - t0 - sum(seconds.values())
-    base = {k: (out["relearn_half_before"] if k.startswith("relearn_") else out["forget"])
-            for k in out if k.startswith(("relearn_", "quant_", "probe_")) and k != "relearn_half_before"}
-    out["survived"] = {k: bool(out[k] - b < settings.survive_tolerance) for k, b in base.items()}
+    attacked = [k for k in out if k.startswith(("relearn_", "quant_", "probe_")) and k != "relearn_half_before"]
+    out["survived"] = {k: bool(out[k] - attack_baseline(out, k) < settings.survive_tolerance) for k in attacked}
     out["attack_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return out
 
