@@ -79,8 +79,7 @@ def _mb(x: float) -> float:
 
 
 def run(args) -> dict:
-    from editing_rome import ft_constrained
-
+    from lethe.ft import ft_constrained
     from lethe.memit import MEMITEditor
     from lethe.sources import load_requests
 

@@ -28,8 +28,8 @@ import tracemalloc
 import torch
 
 from lethe import evaluation as ev
-from lethe import lm
 from lethe.edits import EditArtifact, fingerprint
+from lethe.ft import ft_constrained
 from lethe.models import load_model
 
 # The SmolLM2 run beside the embedded decoder (benchmarks/editing.py): real facts, its own preset.
@@ -87,42 +87,6 @@ def single_edits(loaded, editor, reqs) -> tuple[list[dict], list[float]]:
         rows.append(_scores(loaded, req, pre_loc))
         art.revert(loaded.model)
     return rows, secs
-
-
-def ft_constrained(loaded, reqs: list, params: list[torch.nn.Parameter], epochs: int, lr: float, eps: float,
-                   batch_size: int = 64, seed: int = 0) -> None:
-    """Fine-tune only ``params`` on the rewrite prompts' target NLL, keeping ‖ΔW‖∞ ≤ eps (FT-W)."""
-    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
-    device = params[0].device
-    w0 = [p.detach().clone() for p in params]
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(epochs):
-            order = torch.randperm(len(reqs), generator=gen).tolist()
-            for s in range(0, len(order), batch_size):
-                chunk = [reqs[i] for i in order[s:s + batch_size]]
-                batch = lm.to_device(lm.encode_pairs(tok, family, [r.rewrite_prompt for r in chunk],
-                                                     [r.target_new for r in chunk]), device)
-                with torch.enable_grad():
-                    loss = lm.sequence_nll(model, batch, family).mean()
-                    loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for p, w in zip(params, w0):
-                        p.copy_(w + (p - w).clamp(-eps, eps))
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
 
 
 def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps: float) -> None:

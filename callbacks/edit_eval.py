@@ -7,6 +7,16 @@ and keeps the per-case results (rewritten to ``edit_results.json`` after every b
 ``"partial": true``, so a resumed run keeps the scores of the batches edited before). At the end it logs the means, and, for a sequential run,
 scores every request again on the final model (what survives later edits), writes
 ``edit_results.json`` into the run folder (atomically) and a PNG of the running efficacy.
+
+Locality measures locality: a neighbourhood prompt about a subject that is itself edited (same relation)
+in the same call or earlier in a sequential run is meant to change, so it is left out of neighbourhood
+and token-accuracy locality, and counted (``edit/neighbour_prompts_left_out``); see
+``lethe.streams``.
+
+Streams (``stream_every: k``, sequential runs): every k edits, all edits so far are scored again
+(efficacy, paraphrase, neighbourhood) together with general ability (``general: world`` = greedy recall
+of world facts whose subjects no edit of the stream touches); the rows go to the loggers
+(``stream/*``), to ``edit_results.json`` (``stream``) and to ``stream_curves.png``.
 """
 
 from __future__ import annotations
@@ -30,10 +40,17 @@ class EditEvaluation(L.Callback):
     of a sequential run; batch_size — scoring batch size; plot — save the running-efficacy PNG."""
 
     def __init__(self, protocols: Sequence[str] = ("counterfact", "token_accuracy"), final: bool = True,
-                 batch_size: int = 64, plot: bool = True) -> None:
+                 batch_size: int = 64, plot: bool = True, stream_every: int | None = None,
+                 general: str | None = None) -> None:
         unknown = set(protocols) - {ev.COUNTERFACT, ev.TOKEN_ACCURACY}
         if unknown:
             raise ValueError(f"unknown evaluation protocols {sorted(unknown)}")
+        if general not in (None, "world"):
+            raise ValueError(f"evaluate.general must be 'world' or null, got {general!r}")
+        self.stream_every = stream_every
+        self.general = general
+        self.stream: list[dict] = []
+        self._general_pairs: list | None = None
         self.protocols = list(protocols)
         self.final = final
         self.batch_size = batch_size
@@ -43,8 +60,9 @@ class EditEvaluation(L.Callback):
         self._pre: dict = {}
         self.results: dict = {}
 
-    def _score(self, module, requests, pre_loc=None) -> dict:
-        out = {}
+    def _score(self, module, requests, pre_loc=None, edited_with=None) -> dict:
+        requests, left_out = ev.without_edited_neighbours(requests, edited_with)
+        out = {"left_out": left_out}
         if ev.COUNTERFACT in self.protocols:
             out[ev.COUNTERFACT] = ev.counterfact_scores(module.model, module.tokenizer, module.family, requests,
                                                         batch_size=self.batch_size)
@@ -65,6 +83,7 @@ class EditEvaluation(L.Callback):
 
             prev = json.loads(path.read_text())
             self.rows = [r for r in prev.get("cases", []) if r["batch"] < done] + self.rows
+            self.stream = [r for r in prev.get("stream", []) if r["n_edits"] <= len(self.rows)]
             self.requests = [request_from_dict(r) for r in prev.get("requests", [])][: len(self.rows)]
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
@@ -73,16 +92,23 @@ class EditEvaluation(L.Callback):
         if getattr(pl_module, "skip_batch", lambda i: False)(batch_idx):
             self._pre = {}
             return
-        self._pre = {"scores": self._score(pl_module, batch),
-                     "loc": ev.locality_reference(pl_module.model, pl_module.tokenizer, pl_module.family, batch,
+        edited = self._edited_with(pl_module, batch)
+        kept, _ = ev.without_edited_neighbours(batch, edited)
+        self._pre = {"scores": self._score(pl_module, batch, edited_with=edited),
+                     "loc": ev.locality_reference(pl_module.model, pl_module.tokenizer, pl_module.family, kept,
                                                   self.batch_size)
                      if ev.TOKEN_ACCURACY in self.protocols else None}
+
+    def _edited_with(self, pl_module, batch) -> list:
+        """The requests applied together with ``batch``: the batch, plus the stream so far when edits are kept."""
+        return [*self.requests, *batch] if getattr(pl_module, "sequential", False) else list(batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not self._pre:
             return
-        post = self._score(pl_module, batch, self._pre["loc"])
-        metrics = {}
+        post = self._score(pl_module, batch, self._pre["loc"], edited_with=self._edited_with(pl_module, batch))
+        metrics = {"edit/neighbour_prompts_left_out": post.pop("left_out")}
+        self._pre["scores"].pop("left_out")
         for proto, scores in post.items():
             for k, v in ev.summary(scores).items():
                 metrics[f"edit/{k}"] = v
@@ -98,16 +124,40 @@ class EditEvaluation(L.Callback):
             self.rows.append(row)
         self.requests += list(batch)
         self._pre = {}
+        if self.stream_every and getattr(pl_module, "sequential", False) and \
+                len(self.rows) // self.stream_every > (len(self.rows) - len(batch)) // self.stream_every:
+            row = self._stream_row(trainer, pl_module)
+            metrics.update({f"stream/{k}": v for k, v in row.items() if v is not None})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=len(self.rows))
         if trainer.is_global_zero:  # the scores so far, before the module saves the batch's artifact
             self._write(Path(trainer.default_root_dir), {}, partial=True)
+
+    def _stream_row(self, trainer, pl_module) -> dict:
+        import time
+
+        from lethe import streams
+
+        general = None
+        if self.general == "world":
+            if self._general_pairs is None:  # the whole stream's subjects, known from the datamodule
+                stream = getattr(getattr(trainer, "datamodule", None), "requests", None) or self.requests
+                self._general_pairs = streams.untouched_world_facts(stream)
+
+            def general(loaded):
+                return streams.recall(loaded, self._general_pairs)
+        t = time.perf_counter()
+        row = streams.stream_row(pl_module.loaded, self.requests, general, batch_size=self.batch_size)
+        row["eval_seconds"] = round(time.perf_counter() - t, 2)
+        self.stream.append(row)
+        return row
 
     def _write(self, out_dir: Path, summary: dict, partial: bool = False) -> None:
         from lethe.edits import request_to_dict
 
         write_json(out_dir / "edit_results.json", {"summary": summary, **({"partial": True} if partial else {}),
                                                    "cases": self.rows,
+                                                   **({"stream": self.stream} if self.stream else {}),
                                                    "requests": [request_to_dict(r) for r in self.requests]})
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -117,7 +167,9 @@ class EditEvaluation(L.Callback):
         summary = {f"edit_mean/{k}": _mean([r.get(k) for r in self.rows]) for k in keys}
         final = {}
         if self.final and getattr(pl_module, "sequential", False) and len(self.requests) > 1:
-            for scores in self._score(pl_module, self.requests).values():
+            scores_by_proto = self._score(pl_module, self.requests)
+            final["final/neighbour_prompts_left_out"] = scores_by_proto.pop("left_out")
+            for scores in scores_by_proto.values():
                 final.update({f"final/{k}": v for k, v in ev.summary(scores).items()})
         self.results = {**summary, **final}
         for logger in trainer.loggers:
@@ -128,6 +180,14 @@ class EditEvaluation(L.Callback):
             self._write(out_dir, self.results)
             if self.plot:
                 self._plot(out_dir / "edit_efficacy.png", trainer)
+                if self.stream:
+                    from lethe.streams import plot_stream
+
+                    plot_stream({pl_module.hparams.editor: self.stream}, out_dir / "stream_curves.png",
+                                title=f"{pl_module.hparams.editor} on {pl_module.model_source}")
+                    for logger in trainer.loggers:
+                        if type(logger).__name__ == "WandbLogger":
+                            logger.log_image(key="stream_curves", images=[str(out_dir / "stream_curves.png")])
 
     def _plot(self, path: Path, trainer) -> None:
         key = next((k for k in ("counterfact/efficacy", "token_accuracy/efficacy_acc") if k in self.rows[0]), None)

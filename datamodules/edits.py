@@ -31,10 +31,13 @@ class EditDataModule(L.LightningDataModule):
         kind: counterfact or zsre (how a file is read; with the world, which form is built).
         limit / offset / seed: take ``limit`` requests from ``offset`` (after a seeded shuffle if given).
         batch_size: requests per editor call (1 = one edit at a time).
+        check: check the requests as a stream (``lethe.streams.check_stream``): a batch size larger than
+            the stream or two records editing the same subject and relation to different targets are
+            errors naming the records; an exact duplicate is left out with a warning.
     """
 
     def __init__(self, source: str = "world:train", kind: str = "counterfact", limit: int | None = None,
-                 offset: int = 0, seed: int | None = None, batch_size: int = 1) -> None:
+                 offset: int = 0, seed: int | None = None, batch_size: int = 1, check: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.requests: list[EditRequest] = []
@@ -42,7 +45,12 @@ class EditDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.requests:
             h = self.hparams
-            self.requests = load_requests(h.source, h.kind, h.limit, h.offset, h.seed)
+            requests = load_requests(h.source, h.kind, h.limit, h.offset, h.seed)
+            if h.check:
+                from lethe.streams import check_stream
+
+                requests = check_stream(requests, h.batch_size, source=h.source)
+            self.requests = requests
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.requests, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=_as_list)

@@ -16,7 +16,8 @@ from lethe.registry import Registry
 # Editing methods: name -> a class with ``edit(loaded, requests) -> EditArtifact``. Add yours with one line,
 # EDITORS.register("mine", "my_package.my_module:MyEditor"), or name its import path in a preset.
 EDITORS = Registry("editor", {
-    "rome": "lethe.rome:ROMEEditor", "memit": "lethe.memit:MEMITEditor", "mend": "lethe.mend:MENDEditor",
+    "rome": "lethe.rome:ROMEEditor", "memit": "lethe.memit:MEMITEditor", "alphaedit": "lethe.alphaedit:AlphaEditEditor",
+    "ft": "lethe.ft:FTEditor", "mend": "lethe.mend:MENDEditor",
     "ke": "lethe.knowledge_editor:KEEditor", "kn": "lethe.knowledge_neurons:KnowledgeNeuronsEditor",
 })
 # Where the editors lived before lethe/ held every algorithm (accepted for one release, with a warning).
@@ -67,6 +68,8 @@ resume: running the same command again continues a sequential run after its last
 EDITOR_HELP = {
     "rome": "ROME: one fact at a time, a rank-one update of one MLP (editor_args: hparams, overrides)",
     "memit": "MEMIT: a batch of facts in one call, spread over several MLPs (editor_args: hparams, overrides)",
+    "alphaedit": "AlphaEdit: MEMIT with its update projected onto the preserved keys' null space (long streams)",
+    "ft": "FT-L: constrained fine-tuning of MLP output projections (a baseline; editor_args: hparams)",
     "mend": "MEND: a trained hypernetwork (editor_args.checkpoint from lethe fit configs/edit/mend_*.yaml)",
     "ke": "KnowledgeEditor: a trained hypernetwork (editor_args.checkpoint from configs/edit/ke_*.yaml)",
     "kn": "Knowledge Neurons: attribute the fact, then rewrite its neurons' value slots",

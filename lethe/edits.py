@@ -10,6 +10,14 @@ keyed by the parameter's name in the unwrapped model, in float32.
 
 Sequential editing: ``combine`` sums artifacts into one; the edit CLI saves the running
 sum after each batch of requests, so a long sequential run resumes from its last save.
+
+Per-edit factors: the closed-form editors (ROME, MEMIT, AlphaEdit) write each parameter's delta as a
+sum of one rank-one part per request, ΔW = Σ_j u_j v_jᵀ (out × in). An artifact that carries these
+factors (``factors[param] = {"u": n × out, "v": n × in, "k": n × in}``, row j = ``requests[j]``; k is
+the request's key, which AlphaEdit's stream needs) can take back single edits: ``rollback`` subtracts
+their parts and leaves the others. That is exact for the parameters' arithmetic (the model ends with
+base + the remaining parts); whether the rolled-back fact fully returns depends on what later edits
+did on top of it (see ``rollback``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from lethe.records import EditRequest
 DELTAS_FILE = "deltas.safetensors"
 WEIGHTS_FILE = "weights.safetensors"  # optional: the edited parameters' values after the edit (exact resume)
 META_FILE = "artifact.json"
+FACTORS_FILE = "factors.safetensors"  # optional: per-request rank-one parts (rollback of single edits)
 FORMAT_VERSION = 1
 
 
@@ -73,6 +82,7 @@ class EditArtifact:
     requests: list[EditRequest] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     base_fingerprints: dict[str, str] = field(default_factory=dict)
+    factors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     _originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     # ----- construction -----------------------------------------------------
@@ -167,7 +177,82 @@ class EditArtifact:
                 fps.setdefault(n, fp)
         first = artifacts[0]
         meta = {**first.meta, "combined": len(artifacts)}
-        return cls(method or first.method, first.model_source, deltas, requests, meta, fps)
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        meta.pop("factor_transposed", None)
+        if all(a.factors and set(a.factors) == set(deltas) for a in artifacts):  # rows follow the requests
+            factors = {n: {k: torch.cat([a.factors[n][k] for a in artifacts]) for k in first.factors[n]}
+                       for n in deltas}
+            meta["factor_transposed"] = {n: first.meta.get("factor_transposed", {}).get(n, False) for n in factors}
+        return cls(method or first.method, first.model_source, deltas, requests, meta, fps, factors)
+
+    def with_factors(self, factors: dict[str, dict[str, torch.Tensor]], transposed: dict[str, bool]) -> EditArtifact:
+        """Attach per-request rank-one parts (see the module docstring); ``transposed[param]``: the parameter
+        is stored (in, out) (GPT-2's Conv1D). Each must have one row per request."""
+        for name, f in factors.items():
+            if name not in self.deltas:
+                raise EditArtifactError(f"factors for {name!r}, which this {self.method} edit does not change")
+            for key in ("u", "v"):
+                if f[key].shape[0] != len(self.requests):
+                    raise EditArtifactError(f"{name}: {f[key].shape[0]} factor rows for {len(self.requests)} requests")
+        self.factors = {n: {k: t.detach().float().cpu() for k, t in f.items()} for n, f in factors.items()}
+        self.meta["factor_transposed"] = {n: bool(transposed.get(n, False)) for n in factors}
+        return self
+
+    def part(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """The requests ``rows``' share of parameter ``name``'s delta, in the parameter's own layout."""
+        f = self.factors[name]
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        d = f["u"][idx].T.double() @ f["v"][idx].double()  # (out, in)
+        return (d.T if self.meta.get("factor_transposed", {}).get(name) else d).float()
+
+    def find(self, case_ids: Iterable) -> list[int]:
+        """Row indices of the requests with these case ids; an unknown id is an error naming it."""
+        wanted = [str(c) for c in case_ids]
+        by_id: dict[str, list[int]] = {}
+        for i, r in enumerate(self.requests):
+            by_id.setdefault(str(r.case_id), []).append(i)
+        missing = [c for c in wanted if c not in by_id]
+        if missing:
+            raise EditArtifactError(f"no edit with case_id {missing} in this {self.method} artifact "
+                                    f"({len(self.requests)} edits)")
+        return sorted({i for c in wanted for i in by_id[c]})
+
+    @torch.no_grad()
+    def rollback(self, model: nn.Module, rows: Sequence[int]) -> EditArtifact:
+        """Take back the edits at ``rows`` (indices into ``requests``; ``find`` maps case ids) from ``model``,
+        in place, leaving every other edit: their rank-one parts are subtracted from the parameters.
+        Returns the artifact of what remains (its deltas, requests and factors without those rows).
+
+        Exact in weight space: the model then holds base + the other edits' parts, the same weights as
+        applying only the remaining artifact. Not exact in behaviour when later edits were computed on a
+        model that held the rolled-back ones (their keys and residuals saw it) or when two edits' keys
+        overlap; the closer the edits' keys are to orthogonal (AlphaEdit constrains this), the closer the
+        rolled-back facts come back. Artifacts without factors (MEND, KE, KN, fine-tuning) cannot split
+        a batch: revert the whole artifact instead."""
+        rows = sorted({int(r) for r in rows})
+        if not rows:
+            return self
+        bad = [r for r in rows if not 0 <= r < len(self.requests)]
+        if bad:
+            raise EditArtifactError(f"rollback rows {bad} out of range: this artifact holds {len(self.requests)} edits")
+        if not self.factors or set(self.factors) != set(self.deltas):
+            raise EditArtifactError(f"this {self.method} artifact has no per-edit factors, so single edits cannot be "
+                                    "rolled back; revert the whole artifact (or its batch) instead")
+        self.check(model)
+        params = _params(model)
+        keep = [i for i in range(len(self.requests)) if i not in set(rows)]
+        deltas = {}
+        for name, delta in self.deltas.items():
+            part = self.part(name, rows)
+            params[name].sub_(part.to(params[name].device, params[name].dtype))
+            deltas[name] = delta - part
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        factors = {n: {k: t[idx] for k, t in f.items()} for n, f in self.factors.items()}
+        meta = {**self.meta, "rolled_back": [*self.meta.get("rolled_back", []),
+                                             *[request_to_dict(self.requests[r]) for r in rows]]}
+        out = EditArtifact(self.method, self.model_source, deltas, [self.requests[i] for i in keep], meta,
+                           dict(self.base_fingerprints), factors)
+        return out
 
     def norms(self) -> dict[str, float]:
         return {n: float(d.norm()) for n, d in self.deltas.items()}
@@ -189,6 +274,9 @@ class EditArtifact:
                 if missing:
                     raise EditArtifactError(f"weights to save lack the edited parameters {missing}")
                 save_file({n: weights[n].detach().contiguous().cpu() for n in self.deltas}, str(tmp / WEIGHTS_FILE))
+            if self.factors:
+                save_file({f"{n}::{k}": t.contiguous() for n, f in self.factors.items() for k, t in f.items()},
+                          str(tmp / FACTORS_FILE))
             meta = {
                 "format_version": FORMAT_VERSION,
                 "method": self.method,
@@ -217,9 +305,21 @@ class EditArtifact:
         for n, shape in meta.get("shapes", {}).items():
             if n not in deltas or list(deltas[n].shape) != shape:
                 raise EditArtifactError(f"{src}: {DELTAS_FILE} does not match {META_FILE} for parameter {n!r}")
-        return cls(meta["method"], meta["model_source"], deltas,
-                   [request_from_dict(r) for r in meta.get("requests", [])], meta.get("meta", {}),
-                   meta.get("base_fingerprints", {}))
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        if (src / FACTORS_FILE).is_file():
+            try:
+                flat = load_file(str(src / FACTORS_FILE))
+            except Exception as err:  # a truncated or foreign file
+                raise EditArtifactError(f"{src / FACTORS_FILE}: not a readable safetensors file ({err})") from err
+            for key, t in flat.items():
+                name, _, part = key.rpartition("::")
+                factors.setdefault(name, {})[part] = t
+        requests = [request_from_dict(r) for r in meta.get("requests", [])]
+        for name, f in factors.items():
+            if name not in deltas or any(t.shape[0] != len(requests) for t in f.values()):
+                raise EditArtifactError(f"{src}: {FACTORS_FILE} does not match {META_FILE} for parameter {name!r}")
+        return cls(meta["method"], meta["model_source"], deltas, requests, meta.get("meta", {}),
+                   meta.get("base_fingerprints", {}), factors)
 
 
 def load_weights(src: str | Path) -> dict[str, torch.Tensor] | None:

@@ -59,12 +59,14 @@ def with_neighbours(req: EditRequest, keep: Sequence[int]) -> EditRequest:
                                **({"neighborhood_targets": [targets[i] for i in keep]} if targets else {}))
 
 
-def without_edited_neighbours(requests: Sequence[EditRequest]) -> tuple[list[EditRequest], int]:
+def without_edited_neighbours(requests: Sequence[EditRequest], edited_with: Sequence[EditRequest] | None = None
+                              ) -> tuple[list[EditRequest], int]:
     """Copies of the requests without the neighbourhood prompts about another EDITED subject (same
     relation): those are meant to change when edits are applied together, so they cannot measure
-    bleed. Returns (requests, number of prompts left out)."""
+    bleed. ``edited_with``: every request applied to the model (the whole call or the stream so far;
+    default ``requests`` themselves). Returns (requests, number of prompts left out)."""
     edited: dict[str | None, list[str]] = {}
-    for r in requests:
+    for r in (requests if edited_with is None else edited_with):
         edited.setdefault(r.relation, []).append(r.subject)
     out, dropped = [], 0
     for r in requests:

@@ -22,7 +22,10 @@ the solve only ever holds FFN-width × FFN-width matrices.
 
 The update of step 2 is one overridable method, ``MEMITEditor.update_step``: successors that keep
 MEMIT's targets and keys but solve for ΔW differently (AlphaEdit's null-space projection, EMMET,
-PMET) are small subclasses that override it.
+PMET) are small subclasses that override it. It returns the per-request input directions V
+(n × in) with ΔW = Rᵀ V = Σ_j r_j v_jᵀ, so every layer's update is a sum of one rank-one part per
+request; the artifact keeps those parts (r_j, v_j and the key k_j), which lets a stream take back
+single edits (``EditArtifact.rollback``) and AlphaEdit carry its earlier edits' keys across calls.
 
 Families: as ROME. Decoders and masked LMs edit their stack at the subject's last token (the
 MLM is scored at the mask); encoder-decoders edit their ENCODER MLPs, scored on the decoder.
@@ -88,14 +91,19 @@ def check_layers(model: nn.Module, adapter: ArchAdapter, layers: Sequence[int], 
 
 
 # --------------------------------------------------------------------------- the update
+def memit_directions(keys: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
+    """V (n × in) = K (λC + KᵀK)⁻¹ for keys K (n × in), in float64: MEMIT's ΔW is Rᵀ V."""
+    k = keys.to(torch.float64)
+    return solve_psd(lam * cov.to(torch.float64).to(k.device) + k.T @ k, k.T).T
+
+
 def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
     """ΔW (out × in) = Rᵀ K (λC + KᵀK)⁻¹ for keys K (n × in) and residuals R (n × out), in float64.
 
     It solves the normal equations ΔW (λC + KᵀK) = Rᵀ K of min ‖K ΔWᵀ - R‖² + λ tr(ΔW C ΔWᵀ).
     """
-    k = keys.to(torch.float64)
-    r = resid.to(torch.float64).to(k.device)
-    return solve_psd(lam * cov.to(torch.float64).to(k.device) + k.T @ k, k.T @ r).T
+    v = memit_directions(keys, cov, lam)
+    return resid.to(torch.float64).to(v.device).T @ v
 
 
 # --------------------------------------------------------------------------- batched passes
@@ -148,9 +156,10 @@ class MEMITEditor(LocateEditor):
         return layers
 
     def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        """ΔW (out × in, float64) that layer ``layer`` adds for keys K (n × in) and its share R of the residual
-        (n × out). MEMIT's least-squares solve; subclasses (AlphaEdit, EMMET, PMET) override this alone."""
-        return memit_update(keys, resid, self.covariance(loaded, layer), self.hp.mom2_update_weight)
+        """Per-request input directions V (n × in, float64) such that layer ``layer`` adds ΔW = Rᵀ V for keys K
+        (n × in) and its share R of the residual (n × out). MEMIT's least-squares solve; subclasses (AlphaEdit,
+        EMMET, PMET) override this alone."""
+        return memit_directions(keys, self.covariance(loaded, layer), self.hp.mom2_update_weight)
 
     def edit(self, loaded, requests: Sequence[EditRequest]) -> EditArtifact:
         model, tok, adapter, family, hp = loaded.model, loaded.tokenizer, loaded.adapter, loaded.family, self.hp
@@ -178,11 +187,14 @@ class MEMITEditor(LocateEditor):
         t_z = time.perf_counter() - t0
 
         layer_stats = []
+        factors: dict[str, dict[str, torch.Tensor]] = {}
         for i, layer in enumerate(layers):
             keys, cur = keys_and_outputs(model, tok, adapter, family, requests, layer, last, hp.stack, prefixes,
                                          hp.key_batch_size, hp.position)
-            resid = (z - cur) / (len(layers) - i)
-            dw = self.update_step(loaded, layer, keys, resid)
+            resid = (z - cur).to(torch.float64) / (len(layers) - i)
+            v = self.update_step(loaded, layer, keys, resid)
+            dw = resid.to(v.device).T @ v
+            factors[f"{names[layer]}.weight"] = {"u": resid, "v": v, "k": keys}
             module = adapter.module(model, names[layer])
             with torch.no_grad():
                 w = adapter.weight_out_in(module)
@@ -200,4 +212,5 @@ class MEMITEditor(LocateEditor):
         }
         meta = {"hparams": dataclasses.asdict(hp), "layers": layers, "modules": list(names.values()),
                 "stats": self.last_stats}
-        return EditArtifact.from_weights("memit", loaded.source, before, model, requests, meta)
+        art = EditArtifact.from_weights(self.name, loaded.source, before, model, requests, meta)
+        return art.with_factors(factors, {n: adapter.transposed for n in factors})

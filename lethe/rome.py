@@ -83,15 +83,21 @@ def compute_keys(model: nn.Module, tok, adapter: ArchAdapter, family: str, reque
     return torch.stack(out)
 
 
-def rome_update(k_star: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """ΔW (out × in) with ΔW k* = δ and ΔW k = 0 for every k with (C⁻¹k*)ᵀ k = 0; solved in float64
-    (C⁻¹ is the pseudo-inverse where dead neurons make C singular: see ``solve_psd``)."""
+def rome_direction(k_star: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """v = C⁻¹k* / (k*ᵀC⁻¹k*) (in), float64: ROME's ΔW is δ vᵀ (C⁻¹ is the pseudo-inverse where dead neurons
+    make C singular: see ``solve_psd``)."""
     k = k_star.to(torch.float64).reshape(-1, 1)
     u = solve_psd(cov.to(k.device), k)
     denom = (u.T @ k).item()
     if abs(denom) < 1e-30:
         raise ValueError("k*ᵀ C⁻¹ k* is zero: the key is null; is the subject position right?")
-    return (delta.to(torch.float64).reshape(-1, 1) @ u.T) / denom
+    return u.reshape(-1) / denom
+
+
+def rome_update(k_star: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """ΔW (out × in) with ΔW k* = δ and ΔW k = 0 for every k with (C⁻¹k*)ᵀ k = 0; solved in float64."""
+    v = rome_direction(k_star, cov)
+    return delta.to(torch.float64).reshape(-1, 1).to(v.device) @ v.reshape(1, -1)
 
 
 class ROMEEditor(LocateEditor):
@@ -116,13 +122,16 @@ class ROMEEditor(LocateEditor):
         prefixes = self.prefixes(loaded)
         before = EditArtifact.snapshot(model, [pname])
         self.last_stats, self.last_vectors = [], []
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per request: δ, v, k* (ΔW = δ vᵀ)
         bar = Progress(len(requests), "ROME edits", enabled=self.progress and len(requests) > 1)
         for req in requests:
             t0 = time.perf_counter()
             k_star = compute_keys(model, tok, adapter, family, [req], layer, hp.stack, prefixes, hp.position)[0]
             out = optimise_values(model, tok, family, [req], mod_name, hp, prefixes)
             delta, v_init = out["delta"][0], out["v_init"][0]
-            dw = rome_update(k_star, delta, cov)
+            v = rome_direction(k_star, cov)
+            dw = delta.to(torch.float64).reshape(-1, 1).to(v.device) @ v.reshape(1, -1)
+            parts.append((delta.reshape(-1).double(), v, k_star.reshape(-1).double()))
             with torch.no_grad():
                 w = adapter.weight_out_in(module)
                 w.add_(dw.to(w.device, w.dtype))
@@ -133,4 +142,6 @@ class ROMEEditor(LocateEditor):
             bar.update()
         bar.close()
         meta = {"hparams": dataclasses.asdict(hp), "layer": layer, "module": mod_name, "stats": self.last_stats}
-        return EditArtifact.from_weights("rome", loaded.source, before, model, requests, meta)
+        art = EditArtifact.from_weights("rome", loaded.source, before, model, requests, meta)
+        factors = {pname: {key: torch.stack([p[i].cpu() for p in parts]) for i, key in enumerate(("u", "v", "k"))}}
+        return art.with_factors(factors, {pname: adapter.transposed})

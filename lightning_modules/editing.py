@@ -88,6 +88,20 @@ class EditingModule(ModelModule):
             self.total = total
             self._done_batches = self._saved_through = int(total.meta.get("completed_batches", 0))
             print(f"resuming a sequential edit run: {self._done_batches} batches already applied from {path}")
+        self._sync_editor()
+        self._check_all_requests()
+
+    def _sync_editor(self) -> None:
+        """Editors with a stream state (AlphaEdit's earlier keys) take it from the edits the model holds."""
+        if hasattr(self.editor, "resume_stream"):
+            self.editor.resume_stream(self.total if self.sequential else None)
+
+    def _check_all_requests(self) -> None:
+        """Every request of the run checked before the first (or next) edit, so a bad record far down a stream
+        stops the run before anything is applied, not after hours of edits."""
+        requests = getattr(getattr(self.trainer, "datamodule", None), "requests", None)
+        if requests and hasattr(self.editor, "check_requests"):
+            self.editor.check_requests(self.loaded, requests)
 
     def test_step(self, batch, batch_idx):
         if self.skip_batch(batch_idx):
@@ -110,6 +124,7 @@ class EditingModule(ModelModule):
         if self._pending_revert is not None:
             self._pending_revert.revert(self.model)
             self._pending_revert = None
+            self._sync_editor()
 
     def _save_total(self) -> None:
         if self.total is None or not self.trainer.is_global_zero:

@@ -35,7 +35,7 @@ def test_fit_preset_parses(preset):
 
 
 LOCATE_EDIT_PRESETS = sorted(p for p in (ROOT / "configs" / "edit").glob("*.yaml")
-                             if p.name.startswith(("rome_", "memit_")))
+                             if p.name.startswith(("rome_", "memit_", "alphaedit_", "ft_")))
 
 
 @pytest.mark.parametrize("preset", LOCATE_EDIT_PRESETS, ids=lambda p: p.name)

@@ -1,0 +1,114 @@
+"""AlphaEdit (Fang et al., ICLR 2025, "Null-Space Constrained Knowledge Editing"): MEMIT for long streams.
+
+MEMIT's least-squares update trades the new facts against the keys the model usually sees
+(λ C) and knows nothing of the edits made before it, so after a few hundred sequential edits
+the updates pile into the same directions and the model collapses. AlphaEdit keeps MEMIT's
+targets z and keys K and changes only the update step (``update_step``, the one seam MEMIT
+offers):
+
+- P = projector onto the null space of the preserved keys: the eigenvectors of C = E[k kᵀ]
+  (lethe's covariance cache) whose eigenvalues are below ``nullspace_threshold`` (the reference's
+  absolute rule, 2e-2). A perturbation ΔW P leaves every preserved key's output alone.
+- G = Σ k kᵀ over the keys of the edits made earlier in the stream (this editor's own calls, or
+  the artifact a resumed run starts from), so a new batch does not overwrite them either.
+- ΔW = Rᵀ V with V = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G) + ``l2_weight`` · I (the reference's ``L2``),
+  solved in float64: the minimiser of ‖(ΔW P) K - R‖² + ‖ΔW P‖² · l2 + ‖(ΔW P) K_prev‖², written as
+  ΔW = ΔW P.
+
+The stream state G lives in the artifacts: every MEMIT-family artifact carries each request's key
+(``factors[param]["k"]``), so ``resume_stream(total)`` rebuilds G from a saved run, and a rolled-back
+edit's key leaves G with it. Layers, z optimisation and every shared value are MEMIT's; the presets
+are ``configs/edit/alphaedit_*.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lethe.adapters import unwrap
+from lethe.edits import EditArtifact, resolve_hparams
+from lethe.memit import MEMITEditor, MEMITHyperParams
+
+
+@dataclass
+class AlphaEditHyperParams(MEMITHyperParams):
+    """MEMIT's knobs plus the null-space rule and the ridge; ``mom2_update_weight`` is not used."""
+
+    nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the null space (absolute, as the reference)
+    l2_weight: float = 10.0  # ridge on the projected update (the reference's "L2")
+    stream_keys: bool = True  # protect the keys of earlier edits in the stream (G); False: P alone
+
+
+def hparams_from(spec: AlphaEditHyperParams | dict | str | None = None, **overrides) -> AlphaEditHyperParams:
+    return resolve_hparams(AlphaEditHyperParams, "alphaedit", spec, **overrides)
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U_s U_sᵀ over the eigenvectors of the symmetric ``cov`` whose eigenvalues are < ``threshold``."""
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+    u = evecs[:, evals < threshold]
+    return u @ u.T
+
+
+def alphaedit_directions(keys: torch.Tensor, projector: torch.Tensor, gram: torch.Tensor | None,
+                         l2: float) -> torch.Tensor:
+    """V (n × in) = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G) + l2 I: AlphaEdit's ΔW is Rᵀ V (float64)."""
+    k = keys.to(torch.float64)
+    p = projector.to(k.device)
+    kk = k.T @ k if gram is None else k.T @ k + gram.to(k.device, torch.float64)
+    m = p @ kk + l2 * torch.eye(k.shape[1], dtype=torch.float64, device=k.device)
+    return torch.linalg.solve(m, p @ k.T).T
+
+
+class AlphaEditEditor(MEMITEditor):
+    """MEMIT with AlphaEdit's update step; remembers the keys of its stream (see the module docstring)."""
+
+    name = "alphaedit"
+    hparams_class = AlphaEditHyperParams
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._projectors: dict[tuple, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}  # parameter name -> Σ k kᵀ of the stream's earlier edits
+        self.stream_edits = 0
+
+    def projector(self, loaded, layer: int) -> torch.Tensor:
+        key = (id(unwrap(loaded.model)), layer, self.hp.nullspace_threshold)
+        if key not in self._projectors:
+            self._projectors[key] = null_space_projector(self.covariance(loaded, layer), self.hp.nullspace_threshold)
+        return self._projectors[key]
+
+    def null_space_dims(self, loaded) -> dict[int, int]:
+        """Rank of P per edited layer (how much room the preserved keys leave)."""
+        return {layer: round(float(self.projector(loaded, layer).trace())) for layer in self.hp.layers}
+
+    def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        name = f"{loaded.adapter.mlp_out_name(layer, self.hp.stack)}.weight"
+        gram = self.gram.get(name) if self.hp.stream_keys else None
+        return alphaedit_directions(keys, self.projector(loaded, layer), gram, self.hp.l2_weight)
+
+    def edit(self, loaded, requests) -> EditArtifact:
+        art = super().edit(loaded, requests)
+        self._add_keys(art, +1)
+        return art
+
+    def _add_keys(self, art: EditArtifact | None, sign: int) -> None:
+        if art is None:
+            return
+        for name, f in art.factors.items():
+            k = f["k"].to(torch.float64)
+            g = sign * (k.T @ k)
+            self.gram[name] = self.gram[name] + g if name in self.gram else g
+        self.stream_edits += sign * len(art.requests)
+
+    def resume_stream(self, total: EditArtifact | None) -> None:
+        """Set the stream state to the edits of ``total`` (a resumed run's artifact, what remains after a
+        rollback, or None for a fresh stream)."""
+        self.gram, self.stream_edits = {}, 0
+        if total is not None and total.factors:
+            self._add_keys(total, +1)
+        elif total is not None and total.requests:
+            raise ValueError(f"the {total.method} artifact has no per-edit keys, so AlphaEdit cannot protect its "
+                             f"{len(total.requests)} edits; start the stream over (model.init_args.resume: false)")

@@ -1,0 +1,258 @@
+"""AlphaEdit and lifelong editing: the null-space update, per-edit factors and rollback, stream checks, the
+stream evaluation in ``lethe edit``, and a killed AlphaEdit stream that resumes to the uninterrupted weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lethe import evaluation as ev
+from lethe.adapters import get_adapter
+from lethe.alphaedit import AlphaEditEditor, alphaedit_directions, null_space_projector
+from lethe.edits import EditArtifact, EditArtifactError
+from lethe.memit import MEMITEditor
+from lethe.models import LoadedModel
+from lethe.records import EditRequest, write_counterfact
+from lethe.streams import StreamError, check_stream, stream_row
+from lethe.testing import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = random.Random(0)
+TEXTS = [" ".join(f"w{RNG.randrange(80)}" for _ in range(16)) for _ in range(96)]
+
+
+def tiny(model_type: str = "gpt2") -> LoadedModel:
+    torch.manual_seed(0)
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    return LoadedModel(model, tiny_tokenizer(model_type), adapter, adapter.family, f"tiny-{model_type}")
+
+
+def request(i: int, **kw) -> EditRequest:
+    base = {"prompt": "w1 {} w3", "subject": f"w{5 + i} w{40 + i}", "target_new": f"w{10 + i}", "target_true": "w11",
+            "paraphrase_prompts": [f"w7 w{5 + i} w{40 + i} w3"], "neighborhood_prompts": ["w8 w9 w3"],
+            "case_id": i, "relation": "r"}
+    base.update(kw)
+    return EditRequest(**base)
+
+
+TINY_HP = {"layers": [0, 1], "mom2_corpus": TEXTS, "mom2_n_samples": 96, "context_templates": [],
+           "v_steps": 5, "mom2_update_weight": 3.0, "position": "prompt_last"}
+
+
+# --------------------------------------------------------------------------- the update
+def test_projector_spans_the_small_eigen_directions_and_kills_the_rest():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    evals = torch.tensor([5.0] * 10 + [1e-4] * 6, dtype=torch.float64)
+    cov = q @ torch.diag(evals) @ q.T
+    p = null_space_projector(cov, 2e-2)
+    assert torch.allclose(p, p.T) and torch.allclose(p @ p, p, atol=1e-10)
+    assert round(float(p.trace())) == 6
+    assert float((p @ q[:, :10]).abs().max()) < 1e-10  # preserved directions untouched by ΔW P
+    assert torch.allclose(p @ q[:, 10:], q[:, 10:], atol=1e-10)
+
+
+def test_earlier_keys_are_protected_by_the_stream_term():
+    """The same new batch written with and without the earlier edits' keys in G: with them, the update moves
+    the earlier keys' outputs far less."""
+    g = torch.Generator().manual_seed(1)
+    width, out = 32, 8
+    projector = torch.eye(width, dtype=torch.float64)  # an empty preserved set: only G protects
+    prev = torch.randn(20, width, generator=g, dtype=torch.float64)
+    keys = torch.randn(5, width, generator=g, dtype=torch.float64) + prev[:5]  # overlapping with earlier keys
+    resid = torch.randn(5, out, generator=g, dtype=torch.float64)
+    plain = resid.T @ alphaedit_directions(keys, projector, None, 0.1)
+    guarded = resid.T @ alphaedit_directions(keys, projector, prev.T @ prev, 0.1)
+    assert float((guarded @ prev.T).norm()) < 0.5 * float((plain @ prev.T).norm())
+    # the new keys still get most of their values
+    assert float((guarded @ keys.T - resid.T).norm()) < float(resid.norm())
+
+
+# --------------------------------------------------------------------------- factors and rollback
+def test_memit_artifact_factors_sum_to_its_deltas_and_roll_back_single_edits(tmp_path):
+    lm_ = tiny()
+    ed = MEMITEditor(TINY_HP, cache_dir=str(tmp_path / "cov"), progress=False)
+    reqs = [request(i) for i in range(4)]
+    base = {n: p.detach().clone() for n, p in lm_.model.named_parameters()}
+    art = ed.edit(lm_, reqs)
+    assert set(art.factors) == set(art.deltas)
+    for name, delta in art.deltas.items():
+        assert torch.allclose(art.part(name, range(4)), delta, atol=1e-5)
+    art.save(tmp_path / "art")
+    loaded_art = EditArtifact.load(tmp_path / "art")
+    assert all(torch.equal(loaded_art.factors[n]["v"], art.factors[n]["v"]) for n in art.factors)
+    left = loaded_art.rollback(lm_.model, loaded_art.find([1, 3]))
+    assert [r.case_id for r in left.requests] == [0, 2] and len(left.meta["rolled_back"]) == 2
+    params = dict(lm_.model.named_parameters())
+    for name in art.deltas:  # the model now holds base + the parts of edits 0 and 2, nothing else
+        want = base[name] + art.part(name, [0, 2])
+        assert torch.allclose(params[name], want, atol=1e-5)
+        assert torch.allclose(left.deltas[name], art.part(name, [0, 2]), atol=1e-5)
+    with pytest.raises(EditArtifactError, match="case_id"):
+        left.find([99])
+    # combine keeps the rows in request order
+    both = EditArtifact.combine([art, art])
+    assert both.factors[next(iter(both.factors))]["u"].shape[0] == 8
+
+
+def test_rome_has_factors_and_ft_refuses_single_rollback(tmp_path):
+    from lethe.ft import FTEditor
+    from lethe.rome import ROMEEditor
+
+    lm_ = tiny()
+    rome = ROMEEditor({"layer": 0, "mom2_corpus": TEXTS, "mom2_n_samples": 96, "context_templates": [],
+                       "v_steps": 5}, cache_dir=str(tmp_path / "cov"), progress=False)
+    art = rome.edit(lm_, [request(0), request(1)])
+    name = next(iter(art.deltas))
+    assert torch.allclose(art.part(name, [0, 1]), art.deltas[name], atol=1e-5)
+    art.revert(lm_.model)
+    ft = FTEditor({"layers": [0], "epochs": 2}).edit(lm_, [request(0)])
+    with pytest.raises(EditArtifactError, match="no per-edit factors"):
+        ft.rollback(lm_.model, [0])
+
+
+# --------------------------------------------------------------------------- stream checks
+def test_stream_checks_name_the_records():
+    reqs = [request(0), request(1), request(2)]
+    assert check_stream(reqs, 2) == reqs
+    with pytest.raises(StreamError, match="batch_size 4 is larger than the stream"):
+        check_stream(reqs, 4)
+    conflict = [*reqs, request(1, target_new="w30", case_id=7)]
+    with pytest.raises(StreamError, match=r"record 1 \(case_id 1\) and record 3 \(case_id 7\) conflict"):
+        check_stream(conflict, 1)
+    with pytest.warns(UserWarning, match=r"record 3 is left out"):
+        kept = check_stream([*reqs, request(2, case_id=9)], 1)
+    assert [r.case_id for r in kept] == [0, 1, 2]
+
+
+def test_edit_job_rejects_a_conflicting_stream_before_editing(tmp_path):
+    from lethe.testing import save_tiny
+
+    save_tiny("gpt2", tmp_path / "model")
+    write_counterfact([request(0), request(1), request(0, target_new="w31", case_id=5)], tmp_path / "reqs.json")
+    cfg = {"model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
+        "model": str(tmp_path / "model"), "editor": "memit",
+        "editor_args": {"hparams": TINY_HP, "cache_dir": str(tmp_path / "cov"), "progress": False}}},
+        "data": {"class_path": "datamodules.edits.EditDataModule", "init_args": {"source": str(tmp_path / "reqs.json")}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
+        "run": {"root": str(tmp_path / "runs"), "name": "c", "logger": "csv"}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    assert res.returncode != 0
+    assert "record 0 (case_id 0) and record 2 (case_id 5) conflict" in res.stderr
+    assert not (tmp_path / "runs" / "c" / "edit_artifact").exists()
+
+
+# --------------------------------------------------------------------------- the world decoder
+@pytest.fixture(scope="module")
+def world():
+    from lethe.models import load_model
+    from lethe.sources import load_requests
+
+    loaded = load_model("lethe:world-decoder")
+    pool = load_requests("world:train", seed=3)[:200]
+    known = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", pool)["efficacy_per_case"]
+    reqs = [r for r, e in zip(pool, known) if e == 0.0][:48]
+    reqs, _ = ev.known_neighbours_only(loaded.model, loaded.tokenizer, "decoder", reqs)
+    return loaded, reqs
+
+
+@pytest.mark.slow
+def test_alphaedit_stream_writes_keeps_neighbours_and_rolls_back(world, tmp_path):
+    """48 world facts in 3 sequential batches: every edit holds at the end, paraphrases moved, neighbours
+    kept; then two edits rolled back return to their true objects while the others stay written."""
+    loaded, reqs = world
+    before = stream_row(loaded, reqs)
+    ed = AlphaEditEditor("edit/alphaedit_decoder", cache_dir=str(tmp_path / "cov"), progress=False,
+                         overrides={"mom2_n_samples": 1000})
+    arts = [ed.edit(loaded, reqs[s:s + 16]) for s in (0, 16, 32)]
+    assert ed.stream_edits == 48
+    after = stream_row(loaded, reqs)
+    total = EditArtifact.combine(arts)
+    snapshot = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if n in total.deltas}
+    try:
+        assert after["efficacy"] >= 0.9, after
+        assert after["paraphrase"] >= before["paraphrase"] + 0.3, (before, after)
+        assert after["neighborhood"] >= 0.85, after
+        rows = [3, 20]
+        left = total.rollback(loaded.model, rows)
+        back = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", [reqs[i] for i in rows])
+        assert back["efficacy"] == 0.0, back  # both prefer their true object again
+        rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", left.requests)
+        assert rest["efficacy"] >= 0.9, rest
+        ed.resume_stream(left)
+        assert ed.stream_edits == 46
+    finally:
+        with torch.no_grad():
+            params = dict(loaded.model.named_parameters())
+            for n, t in snapshot.items():
+                params[n].copy_(t)
+        for a in reversed(arts):
+            a.revert(loaded.model)
+
+
+@pytest.mark.slow
+def test_alphaedit_stream_killed_mid_way_resumes_to_the_same_weights(tmp_path):
+    """``lethe edit`` with AlphaEdit on the world decoder, 12 edits in batches of 4 and a stream evaluation
+    every 4: killed (kill -9) after its second batch, the same command resumes from the saved artifact
+    (with the earlier edits' keys back in AlphaEdit's G) and ends on the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from lethe.world_models import ensure_world_model
+
+    ensure_world_model("decoder", progress=False)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def config(name: str, kill_after: int | None = None) -> Path:
+        callbacks = [] if kill_after is None else [{"class_path": "lethe.testing.SignalAtStep",
+                                                     "init_args": {"step": kill_after, "signum": 9}}]
+        cfg = {
+            "model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
+                "model": "lethe:world-decoder", "editor": "alphaedit", "sequential": True,
+                "editor_args": {"hparams": "edit/alphaedit_decoder", "cache_dir": str(tmp_path / "cov"),
+                                "progress": False, "overrides": {"mom2_n_samples": 500}},
+                "evaluate": {"final": False, "protocols": ["counterfact"], "stream_every": 4, "general": "world"}}},
+            "data": {"class_path": "datamodules.edits.EditDataModule",
+                     "init_args": {"source": "world:train", "limit": 12, "batch_size": 4, "seed": 5}},
+            "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False,
+                        "enable_model_summary": False, "callbacks": callbacks},
+            "run": {"root": str(tmp_path / "runs"), "name": name, "logger": "csv"},
+        }
+        path = tmp_path / f"{name}-{kill_after}.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    def edit(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(path)], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=900, check=False)
+
+    full = edit(config("full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = edit(config("killed", kill_after=2))
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    saved = EditArtifact.load(tmp_path / "runs" / "killed" / "edit_artifact")
+    assert 1 <= saved.meta["completed_batches"] <= 2 and saved.factors
+    resumed = edit(config("killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{saved.meta['completed_batches']} batches already applied" in resumed.stdout
+    want = load_file(str(tmp_path / "runs" / "full" / "edited_model" / "model.safetensors"))
+    got = load_file(str(tmp_path / "runs" / "killed" / "edited_model" / "model.safetensors"))
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) == 0.0
+    a, b = (json.loads((tmp_path / "runs" / n / "edit_results.json").read_text()) for n in ("full", "killed"))
+    def scores(rows):  # the evaluations' own timings differ between runs
+        return [{k: v for k, v in r.items() if k != "eval_seconds"} for r in rows]
+
+    assert [r["n_edits"] for r in a["stream"]] == [4, 8, 12] and scores(a["stream"]) == scores(b["stream"])
+    assert all(r["general"] >= 0.8 for r in a["stream"])  # untouched world facts are still recalled
+    assert (tmp_path / "runs" / "full" / "stream_curves.png").stat().st_size > 1000
