@@ -38,6 +38,8 @@ from lethe.adapters import unwrap
 from lethe.io import atomic_path
 from lethe.records import EditRequest
 
+ARTIFACT_DIR = "edit_artifact"  # in a sequential `lethe edit` run folder: the running sum of its edits
+MODEL_DIR = "edited_model"  # ... and the edited model, when the run saves it
 DELTAS_FILE = "deltas.safetensors"
 WEIGHTS_FILE = "weights.safetensors"  # optional: the edited parameters' values after the edit (exact resume)
 META_FILE = "artifact.json"

@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 
 from lethe.edit_cli import build_editor
-from lethe.edits import EditArtifact, load_weights
+from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, load_weights
 from lethe.io import write_json
 from lethe.models import LoadedModel
 from lightning_modules.base import ModelModule
 
-ARTIFACT_DIR = "edit_artifact"
-MODEL_DIR = "edited_model"
 
 
 class EditingModule(ModelModule):

@@ -256,3 +256,42 @@ def test_alphaedit_stream_killed_mid_way_resumes_to_the_same_weights(tmp_path):
     assert [r["n_edits"] for r in a["stream"]] == [4, 8, 12] and scores(a["stream"]) == scores(b["stream"])
     assert all(r["general"] >= 0.8 for r in a["stream"])  # untouched world facts are still recalled
     assert (tmp_path / "runs" / "full" / "stream_curves.png").stat().st_size > 1000
+
+
+def test_rollback_command_takes_single_edits_out_of_a_run(tmp_path):
+    """`lethe edit` (MEMIT, 6 edits in 3 sequential batches), then `lethe rollback RUN --case-ids 1,4`: the
+    run's artifact and edited model now hold base + the other four edits' parts; an unknown id is refused."""
+    from safetensors.torch import load_file
+
+    from lethe.rollback_cli import main as rollback
+    from lethe.testing import save_tiny
+
+    save_tiny("gpt2", tmp_path / "model")
+    write_counterfact([request(i) for i in range(6)], tmp_path / "reqs.json")
+    cfg = {"model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
+        "model": str(tmp_path / "model"), "editor": "memit", "evaluate": {"final": False},
+        "editor_args": {"hparams": TINY_HP, "cache_dir": str(tmp_path / "cov"), "progress": False}}},
+        "data": {"class_path": "datamodules.edits.EditDataModule",
+                 "init_args": {"source": str(tmp_path / "reqs.json"), "batch_size": 2}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
+        "run": {"root": str(tmp_path / "runs"), "name": "r", "logger": "csv"}}
+    (tmp_path / "r.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "r"
+    total = EditArtifact.load(run / "edit_artifact")
+    assert len(total.requests) == 6 and total.factors
+    with pytest.raises(SystemExit, match="case_id"):
+        rollback([str(run), "--case-ids", "99"])
+    out = rollback([str(run), "--case-ids", "1,4"])
+    assert out["rolled_back"] == [1, 4] and out["remaining_edits"] == 4
+    left = EditArtifact.load(run / "edit_artifact")
+    assert [r.case_id for r in left.requests] == [0, 2, 3, 5]
+    assert [r["case_id"] for r in left.meta["rolled_back"]] == [1, 4]
+    base = load_file(str(tmp_path / "model" / "model.safetensors"))
+    edited = load_file(str(run / "edited_model" / "model.safetensors"))
+    for name in total.deltas:
+        want = base[name] + total.part(name, [0, 2, 3, 5])
+        assert torch.allclose(edited[name], want, atol=1e-5), name

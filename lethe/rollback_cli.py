@@ -1,0 +1,96 @@
+"""``lethe rollback RUN --case-ids ID[,ID...]``: take single edits back out of a sequential ``lethe edit`` run.
+
+The run's ``edit_artifact/`` holds the running sum of its edits and, for ROME, MEMIT and AlphaEdit, each
+edit's own rank-one parts. Rolling back edit j subtracts j's parts from the edited weights and leaves
+every other edit in place; the artifact (and ``edited_model/`` when the run saved one) are rewritten
+atomically, and the rolled-back requests are listed in the artifact's ``meta.rolled_back``. A later
+``lethe edit`` with the same preset resumes from what remains (AlphaEdit's stream forgets the rolled-back
+keys too).
+
+When it is exact: in weight space always (the model then holds base + the remaining edits' parts, to
+float32 rounding). In behaviour, fully when no later edit was computed on top of the rolled-back one
+(e.g. the last batch); otherwise later edits' keys and residuals saw it, and overlapping keys share
+parts of their updates, so the old fact returns only as far as the edits are independent: on the world
+decoder, 10 random edits rolled back from a 500-edit AlphaEdit stream all return (see
+``benchmarks/results/sequential_editing.json``, ``rollback``). FT-L, MEND, KE and KN edits have no
+per-edit parts: those runs are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = __doc__
+
+
+def _fail(msg: str) -> None:
+    raise SystemExit(f"lethe rollback: error: {msg}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    import yaml
+
+    from lethe import evaluation as ev
+    from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, EditArtifactError, load_weights
+    from lethe.io import save_pretrained
+    from lethe.models import load_model
+
+    parser = argparse.ArgumentParser(prog="lethe rollback", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a sequential `lethe edit` run folder (holds edit_artifact/)")
+    parser.add_argument("--case-ids", required=True, help="comma-separated case ids of the edits to take back")
+    parser.add_argument("--model", default=None, help="the unedited model (default: the run's config.yaml)")
+    args = parser.parse_args(sys.argv[2:] if argv is None else argv)
+
+    run = Path(args.run)
+    art_dir = run / ARTIFACT_DIR
+    if not art_dir.is_dir():
+        _fail(f"{run} has no {ARTIFACT_DIR}/: not a sequential `lethe edit` run folder")
+    try:
+        total = EditArtifact.load(art_dir)
+    except EditArtifactError as err:
+        _fail(str(err))
+    init = {}
+    if (run / "config.yaml").is_file():
+        init = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {}).get("init_args") or {}
+    name = args.model or init.get("model")
+    if not name:
+        _fail(f"{run}/config.yaml does not name the model; pass --model")
+    ids = [c.strip() for c in args.case_ids.split(",") if c.strip()]
+    try:
+        rows = total.find(ids)
+    except EditArtifactError as err:
+        _fail(f"{art_dir}: {err}")
+    if not total.factors:
+        _fail(f"{art_dir}: this {total.method} run has no per-edit factors (only ROME, MEMIT and AlphaEdit "
+              "artifacts do); revert the whole run or re-run without those requests")
+    loaded = load_model(name, dtype=init.get("dtype", "float32"), tokenizer=init.get("tokenizer"))
+    try:
+        total.check(loaded.model)
+        if total.changed_bases(loaded.model):
+            _fail(f"{name} is not the model {art_dir} was made on (its edited weights differ); pass --model")
+    except EditArtifactError as err:
+        _fail(str(err))
+    params = dict(loaded.model.named_parameters())
+    weights = load_weights(art_dir)
+    with torch.no_grad():
+        for n in total.deltas:
+            params[n].copy_(weights[n] if weights is not None else params[n] + total.deltas[n])
+    removed = [total.requests[i] for i in rows]
+    left = total.rollback(loaded.model, rows)
+    out = {"rolled_back": [r.case_id for r in removed], "remaining_edits": len(left.requests)}
+    if all(r.target_true for r in removed):
+        back = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, removed)
+        out["rolled_back_true_wins"] = [1.0 - e for e in back["efficacy_per_case"]]
+    if left.requests and all(r.target_true for r in left.requests):
+        out["remaining_efficacy"] = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family,
+                                                          left.requests)["efficacy"]
+    left.save(art_dir, weights={n: params[n] for n in left.deltas})
+    if (run / MODEL_DIR).is_dir():
+        save_pretrained(loaded.model, loaded.tokenizer, run / MODEL_DIR)
+    print(json.dumps(out))
+    return out
