@@ -22,7 +22,6 @@ from lethe.models import LoadedModel
 from lightning_modules.base import ModelModule
 
 
-
 class EditingModule(ModelModule):
     """Args: model — what to edit; editor / editor_args — the method; sequential — keep edits (True) or
     revert each after evaluation; evaluate — EditEvaluation's arguments; save_model — save the edited
