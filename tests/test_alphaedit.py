@@ -295,3 +295,25 @@ def test_rollback_command_takes_single_edits_out_of_a_run(tmp_path):
     for name in total.deltas:
         want = base[name] + total.part(name, [0, 2, 3, 5])
         assert torch.allclose(edited[name], want, atol=1e-5), name
+
+
+def test_locality_leaves_out_neighbours_edited_earlier_in_the_stream():
+    """A neighbour prompt about a subject the stream edited in an EARLIER batch (same relation) is not an
+    unedited neighbour: it is left out once the stream so far is given, and counted."""
+    from callbacks.edit_eval import EditEvaluation
+
+    a = request(0, neighborhood_prompts=["w1 w6 w41 w3", "w8 w9 w3"])  # mentions request 1's subject
+    b = request(1)
+    (kept,), n = ev.without_edited_neighbours([a])
+    assert n == 0 and kept.neighborhood_prompts == a.neighborhood_prompts
+    (kept,), n = ev.without_edited_neighbours([a], edited_with=[b, a])
+    assert n == 1 and kept.neighborhood_prompts == ["w8 w9 w3"]
+
+    class Module:
+        sequential = True
+
+    cb = EditEvaluation(protocols=["counterfact"])
+    cb.requests = [b]
+    assert cb._edited_with(Module(), [a]) == [b, a]
+    Module.sequential = False
+    assert cb._edited_with(Module(), [a]) == [a]
