@@ -47,7 +47,7 @@ from lethe.io import write_json
 from lethe.presets import editor_preset, read_preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("alphaedit", "memit", "rome", "ft")
+METHODS = ("alphaedit", "memit", "ft", "rome")  # ROME, the slowest, last
 
 
 def stream_requests(loaded, n: int, seed: int, tune: bool) -> tuple[list, dict]:
@@ -58,8 +58,8 @@ def stream_requests(loaded, n: int, seed: int, tune: bool) -> tuple[list, dict]:
     pool = load_requests("world:train", seed=seed)
     known = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, pool)["efficacy_per_case"]
     usable = spread_over_relations([r for r, e in zip(pool, known) if e == 0.0])
-    stream = usable[n:2 * n] if tune else usable[:n]
-    if len(stream) < n:
+    stream = usable[n:2 * n] if tune else usable[:n]  # the tuning stream may be shorter (the facts left)
+    if len(stream) < (1 if tune else n):
         raise SystemExit(f"only {len(stream)} known facts for a stream of {n} (the world knows {len(usable)})")
     stream, unknown = ev.known_neighbours_only(loaded.model, loaded.tokenizer, loaded.family, stream)
     return streams.check_stream(stream, 1), {"known_facts": len(usable), "neighbour_prompts_unknown_left_out": unknown}
@@ -103,7 +103,10 @@ def run_method(method: str, loaded, stream: list, args, general, original: dict)
     preset, editor = editor_for(method, args.model, args.cache_dir)
     if hasattr(editor, "resume_stream"):
         editor.resume_stream(None)
-    if hasattr(editor, "covariance"):  # statistics first, so "seconds" counts editing alone
+    # statistics first (covariance, AlphaEdit's preserved keys), so "seconds" counts editing alone
+    if hasattr(editor, "prepare"):
+        editor.prepare(loaded)
+    elif hasattr(editor, "covariance"):
         for layer in (editor.hp.layers if hasattr(editor.hp, "layers") else [editor.hp.layer]):
             editor.covariance(loaded, layer)
     rows, arts, rollback = [], [], None
@@ -157,25 +160,30 @@ def main(argv=None) -> dict:
     original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     unedited = streams.stream_row(loaded, stream, general)
     print(f"[unedited] {unedited}", file=sys.stderr, flush=True)
-    methods = {m: run_method(m, loaded, stream, args, general, original) for m in args.methods.split(",")}
     key = args.model.removeprefix("lethe:").replace("-", "_")
-    result = {key: {"model": args.model, "stream": "tuning" if args.tune else "evaluation", "n_edits": args.n,
+    out = Path(args.out)
+    methods: dict = {}
+    for m in args.methods.split(","):
+        methods[m] = run_method(m, loaded, stream, args, general, original)
+        result = summary(args, key, info, pairs, unedited, methods, t0)
+        if not args.tune:  # after every method, so a long run keeps what it has measured
+            write_json(out, {**(json.loads(out.read_text()) if out.is_file() else {}), **result})
+    if not args.tune:
+        streams.plot_stream({m: r["rows"] for m, r in methods.items()}, out.with_suffix(".png"),
+                            title=f"{args.model}: {args.n} sequential edits in batches of {args.batch}",
+                            reference={"general": unedited["general"]})
+    print(json.dumps(result))
+    return result
+
+
+def summary(args, key, info, pairs, unedited, methods, t0) -> dict:
+    return {key: {"model": args.model, "stream": "tuning" if args.tune else "evaluation", "n_edits": args.n,
                     "batch_size": args.batch, "every": args.every, "seed": args.seed, **info,
                     "general_metric": "greedy recall of world facts whose subjects no edit touches",
                     "general_facts": len(pairs), "general_unedited": round(unedited["general"], 4),
                     "unedited": {k: unedited[k] for k in ("efficacy", "paraphrase", "neighborhood")},
                     "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}}
-    out = Path(args.out)
-    if out.is_file() and not args.tune:  # other models' parts stay
-        result = {**json.loads(out.read_text()), **result}
-    if not args.tune:
-        write_json(out, result)
-        streams.plot_stream({m: r["rows"] for m, r in methods.items()}, out.with_suffix(".png"),
-                            title=f"{args.model}: {args.n} sequential edits in batches of {args.batch}",
-                            reference={"general": unedited["general"]})
-    print(json.dumps(result))
-    return result
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ offers):
   absolute rule, 2e-2). A perturbation ΔW P leaves every preserved key's output alone.
 - G = Σ k kᵀ over the keys of the edits made earlier in the stream (this editor's own calls, or
   the artifact a resumed run starts from), so a new batch does not overwrite them either.
+- Preserved facts (optional, ``preserve_source`` / ``preserve_weight`` β): C + β·mean k kᵀ over the keys, at
+  the edit position, of the rewrite prompts of facts the model should keep (e.g. ``world:train``,
+  ``real_facts``, a CounterFact file). A corpus covariance averages over every token, so the few keys at
+  which a model recalls facts sit in its small eigen-directions, inside the "null" space; where a model
+  recalls facts at the prediction position (lethe's world decoder), every same-relation fact then bleeds.
+  Facts whose subject the stream edits (this batch or earlier) are left out of the preserved set (one
+  does not preserve the fact being rewritten), so P is rebuilt per call, an eigh of an in × in matrix.
 - ΔW = Rᵀ V with V = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G) + ``l2_weight`` · I (the reference's ``L2``),
   solved in float64: the minimiser of ‖(ΔW P) K - R‖² + ‖ΔW P‖² · l2 + ‖(ΔW P) K_prev‖², written as
   ΔW = ΔW P.
@@ -39,6 +46,9 @@ class AlphaEditHyperParams(MEMITHyperParams):
     nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the null space (absolute, as the reference)
     l2_weight: float = 10.0  # ridge on the projected update (the reference's "L2")
     stream_keys: bool = True  # protect the keys of earlier edits in the stream (G); False: P alone
+    preserve_source: str | None = None  # requests whose facts' keys join the preserved set (None: corpus C alone)
+    preserve_weight: float = 0.0  # β: weight of the preserved facts' mean k kᵀ beside C
+    preserve_limit: int | None = None  # use at most this many preserved facts (None: all)
 
 
 def hparams_from(spec: AlphaEditHyperParams | dict | str | None = None, **overrides) -> AlphaEditHyperParams:
@@ -73,12 +83,38 @@ class AlphaEditEditor(MEMITEditor):
         self._projectors: dict[tuple, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}  # parameter name -> Σ k kᵀ of the stream's earlier edits
         self.stream_edits = 0
+        self.stream_subjects: set[str] = set()  # subjects edited so far (left out of the preserved facts)
+        self._batch_subjects: set[str] = set()
+        self._preserved: dict[tuple, tuple[list[str], torch.Tensor]] = {}
+
+    def preserved_keys(self, loaded, layer: int) -> tuple[list[str], torch.Tensor]:
+        """(subjects, keys n × in) of the preserved facts at ``layer``, computed once on the model as first seen."""
+        key = (id(unwrap(loaded.model)), layer)
+        if key not in self._preserved:
+            from lethe.memit import keys_and_outputs
+            from lethe.sources import load_requests
+
+            reqs = load_requests(self.hp.preserve_source, limit=self.hp.preserve_limit)
+            keys, _ = keys_and_outputs(loaded.model, loaded.tokenizer, loaded.adapter, loaded.family, reqs, layer,
+                                       layer, self.hp.stack, self.prefixes(loaded), self.hp.key_batch_size,
+                                       self.hp.position)
+            self._preserved[key] = ([r.subject for r in reqs], keys.to(torch.float64))
+        return self._preserved[key]
 
     def projector(self, loaded, layer: int) -> torch.Tensor:
-        key = (id(unwrap(loaded.model)), layer, self.hp.nullspace_threshold)
-        if key not in self._projectors:
-            self._projectors[key] = null_space_projector(self.covariance(loaded, layer), self.hp.nullspace_threshold)
-        return self._projectors[key]
+        """P for ``layer``: null space of C (+ β · the preserved facts not edited so far or in this call)."""
+        hp = self.hp
+        if not (hp.preserve_source and hp.preserve_weight):
+            key = (id(unwrap(loaded.model)), layer, hp.nullspace_threshold)
+            if key not in self._projectors:
+                self._projectors[key] = null_space_projector(self.covariance(loaded, layer), hp.nullspace_threshold)
+            return self._projectors[key]
+        subjects, keys = self.preserved_keys(loaded, layer)
+        edited = self.stream_subjects | self._batch_subjects
+        keep = torch.tensor([s not in edited for s in subjects])
+        k = keys[keep]
+        cov = self.covariance(loaded, layer).to(torch.float64) + hp.preserve_weight * (k.T @ k) / max(len(k), 1)
+        return null_space_projector(cov, hp.nullspace_threshold)
 
     def null_space_dims(self, loaded) -> dict[int, int]:
         """Rank of P per edited layer (how much room the preserved keys leave)."""
@@ -89,8 +125,21 @@ class AlphaEditEditor(MEMITEditor):
         gram = self.gram.get(name) if self.hp.stream_keys else None
         return alphaedit_directions(keys, self.projector(loaded, layer), gram, self.hp.l2_weight)
 
+    def prepare(self, loaded) -> None:
+        """Statistics from the model before any edit of the stream (``lethe edit`` calls this before it applies
+        a resumed run's weights, so a resumed stream uses what the uninterrupted one used)."""
+        for layer in self.hp.layers:
+            self.covariance(loaded, layer)
+            if self.hp.preserve_source and self.hp.preserve_weight:
+                self.preserved_keys(loaded, layer)
+
     def edit(self, loaded, requests) -> EditArtifact:
-        art = super().edit(loaded, requests)
+        self.prepare(loaded)
+        self._batch_subjects = {r.subject for r in requests}
+        try:
+            art = super().edit(loaded, requests)
+        finally:
+            self._batch_subjects = set()
         self._add_keys(art, +1)
         return art
 
@@ -102,11 +151,13 @@ class AlphaEditEditor(MEMITEditor):
             g = sign * (k.T @ k)
             self.gram[name] = self.gram[name] + g if name in self.gram else g
         self.stream_edits += sign * len(art.requests)
+        if sign > 0:
+            self.stream_subjects |= {r.subject for r in art.requests}
 
     def resume_stream(self, total: EditArtifact | None) -> None:
         """Set the stream state to the edits of ``total`` (a resumed run's artifact, what remains after a
         rollback, or None for a fresh stream)."""
-        self.gram, self.stream_edits = {}, 0
+        self.gram, self.stream_edits, self.stream_subjects = {}, 0, set()
         if total is not None and total.factors:
             self._add_keys(total, +1)
         elif total is not None and total.requests:

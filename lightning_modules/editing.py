@@ -63,6 +63,8 @@ class EditingModule(ModelModule):
         return batch_idx < self._done_batches
 
     def on_test_start(self) -> None:
+        if hasattr(self.editor, "prepare"):  # statistics of the unedited model, before a resumed run's weights
+            self.editor.prepare(self.loaded)
         path = self.out_dir() / ARTIFACT_DIR
         if self.sequential and self.hparams.resume and path.is_dir():
             total = EditArtifact.load(path)

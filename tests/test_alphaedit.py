@@ -317,3 +317,25 @@ def test_locality_leaves_out_neighbours_edited_earlier_in_the_stream():
     assert cb._edited_with(Module(), [a]) == [b, a]
     Module.sequential = False
     assert cb._edited_with(Module(), [a]) == [a]
+
+
+def test_preserved_facts_leave_the_preserved_set_once_edited(tmp_path):
+    """With preserve_source, P also keeps the preserved facts' keys; a fact whose subject is edited (in this call
+    or earlier in the stream) is no longer preserved, and a rollback gives it back to the preserved set."""
+    lm_ = tiny()
+    write_counterfact([request(i) for i in range(6)], tmp_path / "keep.json")
+    hp = {**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 1e4,
+          "nullspace_threshold": 1e-3}
+    ed = AlphaEditEditor(hp, cache_dir=str(tmp_path / "cov"), progress=False)
+    ed.prepare(lm_)
+    subjects, keys = ed.preserved_keys(lm_, 0)
+    assert subjects == [request(i).subject for i in range(6)] and keys.shape[0] == 6
+    p_all = ed.projector(lm_, 0)
+    assert float((p_all @ keys.T).norm()) < 1e-3 * float(keys.norm())  # preserved keys are outside P's range
+    art = ed.edit(lm_, [request(1)])
+    assert ed.stream_subjects == {request(1).subject}
+    p_after = ed.projector(lm_, 0)
+    assert float((p_after @ keys[1]).norm()) > 10 * float((p_all @ keys[1]).norm())  # request 1 no longer kept
+    ed.resume_stream(None)
+    assert ed.stream_subjects == set()
+    art.revert(lm_.model)
