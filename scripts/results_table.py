@@ -98,6 +98,23 @@ def rows() -> list[tuple[str, str, str, str]]:
                             model.replace("lethe:", "").replace("smollm2", "SmolLM2-135M"),
                             f"{_epn(r['before'])} → {_epn(r['quant_4bit'])}; {returns}",
                             "`python benchmarks/edit_robustness.py`"))
+    d = _load("sequential_editing")
+    if d:
+        for model, block in d.items():
+            for method, r in block["methods"].items():
+                if not r.get("rows"):
+                    continue
+                last = r["rows"][-1]
+                figures = (f"{_epn(last)}; untouched recall {_f(last.get('general'))} "
+                           f"(unedited {_f(block['general_unedited'])})")
+                if r.get("rollback"):
+                    rb = r["rollback"]
+                    figures += (f"; rollback of {rb['rolled_back']} at {rb['n_edits']}: {_f(rb['restored_share'])} "
+                                f"restored, others {_f(rb['others_efficacy'])}")
+                out.append((f"Sequential editing: {method.upper()}, {last['n_edits']} edits in batches of "
+                            f"{block['batch_size']} (final row)",
+                            model.replace("world_", "world ").replace("smollm2", "SmolLM2-135M"), figures,
+                            "`python benchmarks/sequential_editing.py`"))
     d = _load("world_recall")
     if d:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):
