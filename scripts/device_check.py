@@ -34,7 +34,7 @@ def _step(name: str, fn, out: dict) -> None:
     t = time.perf_counter()
     try:
         out[name] = {"ok": True, **fn()}
-    except Exception as err:  # one failed step must not hide the others
+    except Exception as err:  # noqa: BLE001 - one failed step must not hide the others
         out[name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
                      "traceback": traceback.format_exc(limit=4)[-2000:]}
     out[name]["seconds"] = round(time.perf_counter() - t, 2)

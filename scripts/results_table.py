@@ -111,8 +111,9 @@ def rows() -> list[tuple[str, str, str, str]]:
                     rb = r["rollback"]
                     figures += (f"; rollback of {rb['rolled_back']} at {rb['n_edits']}: {_f(rb['restored_share'])} "
                                 f"restored, others {_f(rb['others_efficacy'])}")
-                out.append((f"Sequential editing: {method.upper()}, {last['n_edits']} edits in batches of "
-                            f"{block['batch_size']} (final row)",
+                label = (f"Sequential editing: {method.upper()}, {last['n_edits']} edits in batches of "
+                         f"{block['batch_size']} (final row)")
+                out.append((label,
                             model.replace("world_", "world ").replace("smollm2", "SmolLM2-135M"), figures,
                             "`python benchmarks/sequential_editing.py`"))
     d = _load("world_recall")
