@@ -133,11 +133,18 @@ def test_stream_checks_name_the_records():
     assert [r.case_id for r in kept] == [0, 1, 2]
 
 
-def test_edit_job_rejects_a_conflicting_stream_before_editing(tmp_path):
+@pytest.mark.parametrize("bad", ["conflict", "subject"])
+def test_edit_job_rejects_a_bad_stream_before_editing(tmp_path, bad):
+    """A conflicting pair, or a subject missing from its prompt in the LAST record: the run stops before its first
+    edit with one error naming the record(s), and writes no artifact."""
     from lethe.testing import save_tiny
 
     save_tiny("gpt2", tmp_path / "model")
     write_counterfact([request(0), request(1), request(0, target_new="w31", case_id=5)], tmp_path / "reqs.json")
+    if bad == "subject":  # the last record's prompt has no place for its subject
+        records = json.loads((tmp_path / "reqs.json").read_text())
+        records[2]["requested_rewrite"].update(prompt="w1 w2 w3", subject="w70")
+        (tmp_path / "reqs.json").write_text(json.dumps(records))
     cfg = {"model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
         "model": str(tmp_path / "model"), "editor": "memit",
         "editor_args": {"hparams": TINY_HP, "cache_dir": str(tmp_path / "cov"), "progress": False}}},
@@ -149,7 +156,10 @@ def test_edit_job_rejects_a_conflicting_stream_before_editing(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(tmp_path / "c.json")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
     assert res.returncode != 0
-    assert "record 0 (case_id 0) and record 2 (case_id 5) conflict" in res.stderr
+    if bad == "conflict":
+        assert "record 0 (case_id 0) and record 2 (case_id 5) conflict" in res.stderr
+    else:
+        assert "reqs.json: record 2: field 'requested_rewrite.prompt'" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "runs" / "c" / "edit_artifact").exists()
 
 
