@@ -15,6 +15,12 @@ For requests "{subject} ... -> target_new" and edited layers R = [l_1 < ... < l_
    which minimises ‖ΔW K - R‖² + λ tr(ΔW C ΔWᵀ): the new keys get their values while the
    keys the model usually sees (weighed by C) keep theirs.
 
+Phrasings (``edit_prompts: n``): a request may carry further templates of the same fact
+(``EditRequest.edit_prompts``; lethe's world fills them with the fact's other training phrasings,
+never the held-out paraphrases it is scored on); each of up to n of them becomes one more row with
+its own key and z, so the edit is written where those phrasings look the fact up. With the
+prediction-position edits of lethe's world decoder this is what makes an edit reach its paraphrases.
+
 Keys, residuals and z are averages over the same prefixed prompts everywhere (the r-ROME
 consistency fix, which the reference code lacked). Memory stays bounded with thousands of
 edits: requests pass in batches (``z_batch_size`` for δ, ``key_batch_size`` for K and R), and
@@ -71,6 +77,7 @@ class MEMITHyperParams(LocateEditHyperParams):
     clamp_norm_factor: float = 0.75
     context_templates: list[list[int]] = field(default_factory=lambda: [[10, 10]])
     mom2_update_weight: float = 15000.0  # λ
+    edit_prompts: int = 0  # also write each edit at up to this many of its request's edit_prompts (other phrasings)
     z_batch_size: int = 32  # requests whose δ are optimised together
     key_batch_size: int = 64  # requests per forward when computing K and R
 
@@ -78,6 +85,16 @@ class MEMITHyperParams(LocateEditHyperParams):
 def hparams_from(spec: MEMITHyperParams | dict | str | None = None, **overrides) -> MEMITHyperParams:
     """Hyperparameters from a dict, an instance or a preset name, with overrides on top."""
     return resolve_hparams(MEMITHyperParams, "memit", spec, **overrides)
+
+
+def with_phrasings(requests: Sequence[EditRequest], n: int) -> list[EditRequest]:
+    """Each request, followed by copies at up to ``n`` of its ``edit_prompts`` (same subject, target and case id):
+    the edit is then written at several phrasings of the fact, each its own key and target z."""
+    out: list[EditRequest] = []
+    for r in requests:
+        out.append(r)
+        out += [dataclasses.replace(r, prompt=t) for t in r.edit_prompts[:n]]
+    return out
 
 
 def check_layers(model: nn.Module, adapter: ArchAdapter, layers: Sequence[int], stack: str | None) -> list[int]:
@@ -163,7 +180,7 @@ class MEMITEditor(LocateEditor):
 
     def edit(self, loaded, requests: Sequence[EditRequest]) -> EditArtifact:
         model, tok, adapter, family, hp = loaded.model, loaded.tokenizer, loaded.adapter, loaded.family, self.hp
-        requests = list(requests)
+        requests = with_phrasings(requests, hp.edit_prompts)
         layers = self.validate(loaded, requests)
         for layer in layers:  # computed (or read from the cache) before anything changes
             self.covariance(loaded, layer)

@@ -87,6 +87,9 @@ class EditRequest:
     loc_prompts: list[str] = field(default_factory=list)
     loc_answers: list[str] = field(default_factory=list)
     neighborhood_targets: list[str] = field(default_factory=list)
+    # further phrasings (templates with "{}") the edit may ALSO be written at (MEMIT / AlphaEdit ``edit_prompts``);
+    # never the paraphrases it is scored on
+    edit_prompts: list[str] = field(default_factory=list)
 
     @property
     def rewrite_prompt(self) -> str:
@@ -371,10 +374,14 @@ def _check_edit(req: EditRequest, path: Path | None, where: str | None) -> None:
         "generation_prompts",
         "loc_prompts",
         "loc_answers",
+        "edit_prompts",
     ):
         value = getattr(req, name)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise c.fail(name, "expected a list of strings")
+    for i, template in enumerate(req.edit_prompts):
+        if template.count("{}") != 1:
+            raise c.fail(f"edit_prompts[{i}]", "an edit prompt is a template with one '{}' for the subject")
     if len(req.loc_prompts) != len(req.loc_answers):
         raise c.fail("loc_answers", f"{len(req.loc_answers)} answers for {len(req.loc_prompts)} loc_prompts")
     if not isinstance(req.neighborhood_targets, list) or not all(
@@ -439,7 +446,16 @@ def _counterfact_row(c: _Checker) -> EditRequest:
         loc_prompts=loc_prompts,
         loc_answers=loc_answers,
         neighborhood_targets=neighborhood_targets,
+        edit_prompts=_edit_prompts(c),
     )
+
+
+def _edit_prompts(c: _Checker) -> list[str]:
+    out = c.strings("edit_prompts", required=False) or []
+    for i, template in enumerate(out):
+        if template.count("{}") != 1:
+            raise c.fail(f"edit_prompts[{i}]", "an edit prompt is a template with one '{}' for the subject")
+    return out
 
 
 def read_counterfact(path: str | os.PathLike) -> list[EditRequest]:
@@ -448,7 +464,7 @@ def read_counterfact(path: str | os.PathLike) -> list[EditRequest]:
     Required: ``requested_rewrite.{prompt, subject, target_new.str, target_true.str}``;
     optional: ``case_id``, ``requested_rewrite.relation_id``, ``paraphrase_prompts``,
     ``neighborhood_prompts``, ``generation_prompts`` (default empty) and lethe's own
-    ``neighborhood_targets`` and ``loc_prompts``/``loc_answers``. Targets are stripped of
+    ``neighborhood_targets``, ``loc_prompts``/``loc_answers`` and ``edit_prompts``. Targets are stripped of
     surrounding whitespace.
     """
     return _read(path, _counterfact_row)
@@ -749,6 +765,8 @@ def write_counterfact(records: Iterable[EditRequest], path: str | os.PathLike) -
         if r.loc_prompts:
             obj["loc_prompts"] = r.loc_prompts
             obj["loc_answers"] = r.loc_answers
+        if r.edit_prompts:
+            obj["edit_prompts"] = r.edit_prompts
         objs.append(obj)
     return _dump_json(path, objs)
 

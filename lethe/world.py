@@ -450,6 +450,7 @@ class World:
                     case_id=self.case_id(f),
                     relation=f.relation,
                     neighborhood_targets=[o for _, o in neigh],
+                    edit_prompts=list(self.train_templates(f)[1:]),
                 )
             )
         return out

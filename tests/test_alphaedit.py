@@ -349,3 +349,27 @@ def test_preserved_facts_leave_the_preserved_set_once_edited(tmp_path):
     ed.resume_stream(None)
     assert ed.stream_subjects == set()
     art.revert(lm_.model)
+
+
+def test_edit_prompts_write_the_edit_at_further_phrasings(tmp_path):
+    """edit_prompts: n expands each request into its phrasings (same case id, so a rollback takes them all);
+    a record's edit prompt without exactly one '{}' is refused naming the record and field."""
+    from lethe.memit import with_phrasings
+    from lethe.records import RecordError, read_counterfact
+
+    r = request(0, edit_prompts=["w2 {} w3", "w4 {} w3", "w5 {} w3"])
+    rows = with_phrasings([r, request(1)], 2)
+    assert [x.prompt for x in rows] == ["w1 {} w3", "w2 {} w3", "w4 {} w3", "w1 {} w3"]
+    assert [x.case_id for x in rows] == [0, 0, 0, 1]
+    lm_ = tiny()
+    art = MEMITEditor({**TINY_HP, "edit_prompts": 2}, cache_dir=str(tmp_path / "cov"), progress=False).edit(lm_, [r])
+    assert len(art.requests) == 3 and art.find([0]) == [0, 1, 2]
+    left = art.rollback(lm_.model, art.find([0]))
+    assert not left.requests and all(float(d.abs().max()) < 1e-5 for d in left.deltas.values())
+    write_counterfact([r], tmp_path / "ok.json")
+    assert read_counterfact(tmp_path / "ok.json")[0].edit_prompts == r.edit_prompts
+    records = json.loads((tmp_path / "ok.json").read_text())
+    records[0]["edit_prompts"] = ["w2 w3"]
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    with pytest.raises(RecordError, match=r"record 0: field 'edit_prompts\[0\]'"):
+        read_counterfact(tmp_path / "bad.json")
