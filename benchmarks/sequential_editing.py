@@ -74,18 +74,23 @@ def editor_for(method: str, model: str, cache_dir: str | None):
     return preset, build_editor(method, editor_args)
 
 
-def rollback_probe(loaded, total: EditArtifact, k: int, seed: int, general) -> dict:
-    """Roll back k random edits of ``total`` from the model, score, and put the weights back."""
+def rollback_probe(loaded, total: EditArtifact, stream: list, k: int, seed: int, general) -> dict:
+    """Roll back k random edits of ``total`` (every row of each: an edit written at several phrasings has one
+    row per phrasing) from the model, score, and put the weights back."""
     params = dict(loaded.model.named_parameters())
     saved = {n: params[n].detach().clone() for n in total.deltas}
-    rows = sorted(random.Random(seed).sample(range(len(total.requests)), k))
+    done = {r.case_id for r in total.requests}
+    edits = [r for r in stream if r.case_id in done]
+    chosen = sorted(random.Random(seed).sample(range(len(edits)), k))
+    ids = [edits[i].case_id for i in chosen]
     t = time.perf_counter()
-    left = total.rollback(loaded.model, rows)
+    left = total.rollback(loaded.model, total.find(ids))
     secs = time.perf_counter() - t
-    back = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, [total.requests[i] for i in rows])
-    rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, left.requests)
-    out = {"n_edits": len(total.requests), "rolled_back": k,
-           "rolled_back_case_ids": [total.requests[i].case_id for i in rows],
+    others = [r for r in edits if r.case_id not in set(ids)]
+    back = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, [edits[i] for i in chosen])
+    rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, others)
+    out = {"n_edits": len(edits), "rolled_back": k, "rolled_back_case_ids": ids,
+           "rows_rolled_back": len(total.requests) - len(left.requests),
            # the unedited model preferred each true object: efficacy 0 = all of them restored
            "restored_share": round(1.0 - back["efficacy"], 4),
            "others_efficacy": round(rest["efficacy"], 4), "others_paraphrase": round(rest["paraphrase"], 4),
@@ -122,7 +127,8 @@ def run_method(method: str, loaded, stream: list, args, general, original: dict)
             rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
             print(f"[{method}] {rows[-1]}", file=sys.stderr, flush=True)
         if args.rollback and done == args.rollback_at and method in ("alphaedit", "memit", "rome"):
-            rollback = rollback_probe(loaded, EditArtifact.combine(arts), args.rollback, args.seed, general)
+            rollback = rollback_probe(loaded, EditArtifact.combine(arts), stream, args.rollback, args.seed,
+                                      general)
             print(f"[{method}] rollback {rollback}", file=sys.stderr, flush=True)
     hp = getattr(editor, "hp", None)
     import dataclasses
