@@ -82,7 +82,7 @@ class AlphaEditEditor(MEMITEditor):
         super().__init__(*args, **kwargs)
         self._projectors: dict[tuple, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}  # parameter name -> Σ k kᵀ of the stream's earlier edits
-        self.stream_edits = 0
+        self.stream_case_ids: set = set()  # edits so far (an edit written at several phrasings has several keys)
         self.stream_subjects: set[str] = set()  # subjects edited so far (left out of the preserved facts)
         self._batch_subjects: set[str] = set()
         self._preserved: dict[tuple, tuple[list[str], torch.Tensor]] = {}
@@ -100,6 +100,10 @@ class AlphaEditEditor(MEMITEditor):
                                        self.hp.position)
             self._preserved[key] = ([r.subject for r in reqs], keys.to(torch.float64))
         return self._preserved[key]
+
+    @property
+    def stream_edits(self) -> int:
+        return len(self.stream_case_ids)
 
     def projector(self, loaded, layer: int) -> torch.Tensor:
         """P for ``layer``: null space of C (+ β · the preserved facts not edited so far or in this call)."""
@@ -150,14 +154,14 @@ class AlphaEditEditor(MEMITEditor):
             k = f["k"].to(torch.float64)
             g = sign * (k.T @ k)
             self.gram[name] = self.gram[name] + g if name in self.gram else g
-        self.stream_edits += sign * len(art.requests)
         if sign > 0:
             self.stream_subjects |= {r.subject for r in art.requests}
+            self.stream_case_ids |= {r.case_id for r in art.requests}
 
     def resume_stream(self, total: EditArtifact | None) -> None:
         """Set the stream state to the edits of ``total`` (a resumed run's artifact, what remains after a
         rollback, or None for a fresh stream)."""
-        self.gram, self.stream_edits, self.stream_subjects = {}, 0, set()
+        self.gram, self.stream_case_ids, self.stream_subjects = {}, set(), set()
         if total is not None and total.factors:
             self._add_keys(total, +1)
         elif total is not None and total.requests:

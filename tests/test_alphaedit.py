@@ -47,6 +47,21 @@ TINY_HP = {"layers": [0, 1], "mom2_corpus": TEXTS, "mom2_n_samples": 96, "contex
            "v_steps": 5, "mom2_update_weight": 3.0, "position": "prompt_last"}
 
 
+def tiny_edit_job(tmp_path, name: str, batch_size: int = 1) -> subprocess.CompletedProcess:
+    """`lethe edit` (MEMIT, sequential) on the tiny model saved in tmp_path/model, requests from tmp_path/reqs.json."""
+    cfg = {"model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
+        "model": str(tmp_path / "model"), "editor": "memit", "evaluate": {"final": False},
+        "editor_args": {"hparams": TINY_HP, "cache_dir": str(tmp_path / "cov"), "progress": False}}},
+        "data": {"class_path": "datamodules.edits.EditDataModule",
+                 "init_args": {"source": str(tmp_path / "reqs.json"), "batch_size": batch_size}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
+        "run": {"root": str(tmp_path / "runs"), "name": name, "logger": "csv"}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(tmp_path / f"{name}.json")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+
+
 # --------------------------------------------------------------------------- the update
 def test_projector_spans_the_small_eigen_directions_and_kills_the_rest():
     g = torch.Generator().manual_seed(0)
@@ -145,16 +160,7 @@ def test_edit_job_rejects_a_bad_stream_before_editing(tmp_path, bad):
         records = json.loads((tmp_path / "reqs.json").read_text())
         records[2]["requested_rewrite"].update(prompt="w1 w2 w3", subject="w70")
         (tmp_path / "reqs.json").write_text(json.dumps(records))
-    cfg = {"model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
-        "model": str(tmp_path / "model"), "editor": "memit",
-        "editor_args": {"hparams": TINY_HP, "cache_dir": str(tmp_path / "cov"), "progress": False}}},
-        "data": {"class_path": "datamodules.edits.EditDataModule", "init_args": {"source": str(tmp_path / "reqs.json")}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
-        "run": {"root": str(tmp_path / "runs"), "name": "c", "logger": "csv"}}
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(tmp_path / "c.json")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    res = tiny_edit_job(tmp_path, "c")
     assert res.returncode != 0
     if bad == "conflict":
         assert "record 0 (case_id 0) and record 2 (case_id 5) conflict" in res.stderr
@@ -194,11 +200,12 @@ def test_alphaedit_stream_writes_keeps_neighbours_and_rolls_back(world, tmp_path
         assert after["efficacy"] >= 0.9, after
         assert after["paraphrase"] >= before["paraphrase"] + 0.3, (before, after)
         assert after["neighborhood"] >= 0.85, after
-        rows = [3, 20]
-        left = total.rollback(loaded.model, rows)
-        back = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", [reqs[i] for i in rows])
+        picked = [reqs[3], reqs[20]]
+        left = total.rollback(loaded.model, total.find([r.case_id for r in picked]))  # every phrasing of each
+        back = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", picked)
         assert back["efficacy"] == 0.0, back  # both prefer their true object again
-        rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", left.requests)
+        rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder",
+                                     [r for r in reqs if r not in picked])
         assert rest["efficacy"] >= 0.9, rest
         ed.resume_stream(left)
         assert ed.stream_edits == 46
@@ -278,17 +285,7 @@ def test_rollback_command_takes_single_edits_out_of_a_run(tmp_path):
 
     save_tiny("gpt2", tmp_path / "model")
     write_counterfact([request(i) for i in range(6)], tmp_path / "reqs.json")
-    cfg = {"model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
-        "model": str(tmp_path / "model"), "editor": "memit", "evaluate": {"final": False},
-        "editor_args": {"hparams": TINY_HP, "cache_dir": str(tmp_path / "cov"), "progress": False}}},
-        "data": {"class_path": "datamodules.edits.EditDataModule",
-                 "init_args": {"source": str(tmp_path / "reqs.json"), "batch_size": 2}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
-        "run": {"root": str(tmp_path / "runs"), "name": "r", "logger": "csv"}}
-    (tmp_path / "r.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "lethe.cli", "edit", "--config", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    res = tiny_edit_job(tmp_path, "r", batch_size=2)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "r"
     total = EditArtifact.load(run / "edit_artifact")
