@@ -82,9 +82,14 @@ class EditEvaluation(L.Callback):
             from lethe.edits import request_from_dict
 
             prev = json.loads(path.read_text())
-            self.rows = [r for r in prev.get("cases", []) if r["batch"] < done] + self.rows
+            total = getattr(pl_module, "total", None)  # edits taken out by `lethe rollback` are no longer scored
+            gone = {str(r.get("case_id")) for r in (total.meta.get("rolled_back", []) if total is not None else [])}
+            kept = [i for i, r in enumerate(prev.get("cases", [])) if r["batch"] < done]
+            requests = [request_from_dict(r) for r in prev.get("requests", [])]
+            kept = [i for i in kept if str(prev["cases"][i]["case_id"]) not in gone]
+            self.rows = [prev["cases"][i] for i in kept] + self.rows
+            self.requests = [requests[i] for i in kept if i < len(requests)]
             self.stream = [r for r in prev.get("stream", []) if r["n_edits"] <= len(self.rows)]
-            self.requests = [request_from_dict(r) for r in prev.get("requests", [])][: len(self.rows)]
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if not getattr(self, "_resumed", False):

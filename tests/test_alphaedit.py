@@ -302,6 +302,13 @@ def test_rollback_command_takes_single_edits_out_of_a_run(tmp_path):
     for name in total.deltas:
         want = base[name] + total.part(name, [0, 2, 3, 5])
         assert torch.allclose(edited[name], want, atol=1e-5), name
+    # the stream goes on: two more requests resume after the rollback, and the scores no longer list 1 and 4
+    write_counterfact([request(i) for i in range(8)], tmp_path / "reqs.json")
+    res = tiny_edit_job(tmp_path, "r", batch_size=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r.case_id for r in EditArtifact.load(run / "edit_artifact").requests] == [0, 2, 3, 5, 6, 7]
+    cases = json.loads((run / "edit_results.json").read_text())["cases"]
+    assert [c["case_id"] for c in cases] == [0, 2, 3, 5, 6, 7]
 
 
 def test_locality_leaves_out_neighbours_edited_earlier_in_the_stream():
