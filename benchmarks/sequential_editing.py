@@ -44,7 +44,7 @@ from lethe import streams
 from lethe.edit_cli import build_editor
 from lethe.edits import EditArtifact
 from lethe.io import write_json
-from lethe.presets import editor_preset, read_preset
+from lethe.presets import editor_preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("alphaedit", "memit", "ft", "rome")  # ROME, the slowest, last
@@ -66,12 +66,9 @@ def stream_requests(loaded, n: int, seed: int, tune: bool) -> tuple[list, dict]:
 
 
 def editor_for(method: str, model: str, cache_dir: str | None):
-    preset, _ = editor_preset(method, model)
-    args = (read_preset(preset).get("model") or {}).get("init_args") or {}
-    editor_args = dict(args.get("editor_args") or {})
-    if method != "ft":
-        editor_args.update(cache_dir=cache_dir, progress=False)
-    return preset, build_editor(method, editor_args)
+    preset, hparams = editor_preset(method, model)
+    extra = {} if method == "ft" else {"cache_dir": cache_dir, "progress": False}
+    return preset, build_editor(method, {"hparams": hparams, **extra})
 
 
 def rollback_probe(loaded, total: EditArtifact, stream: list, k: int, seed: int, general) -> dict:

@@ -120,10 +120,6 @@ class AlphaEditEditor(MEMITEditor):
         cov = self.covariance(loaded, layer).to(torch.float64) + hp.preserve_weight * (k.T @ k) / max(len(k), 1)
         return null_space_projector(cov, hp.nullspace_threshold)
 
-    def null_space_dims(self, loaded) -> dict[int, int]:
-        """Rank of P per edited layer (how much room the preserved keys leave)."""
-        return {layer: round(float(self.projector(loaded, layer).trace())) for layer in self.hp.layers}
-
     def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         name = f"{loaded.adapter.mlp_out_name(layer, self.hp.stack)}.weight"
         gram = self.gram.get(name) if self.hp.stream_keys else None

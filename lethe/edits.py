@@ -337,6 +337,17 @@ def load_weights(src: str | Path) -> dict[str, torch.Tensor] | None:
         raise EditArtifactError(f"{path}: not a readable safetensors file ({err})") from err
 
 
+@torch.no_grad()
+def restore_edited(total: EditArtifact, model: nn.Module, src: str | Path) -> None:
+    """Give ``model`` (the unedited base) the edited values of the run saved in ``src``: its
+    ``weights.safetensors`` where saved (bit-exact resume), else base + the summed deltas (equal up to rounding)."""
+    weights = load_weights(src)
+    params = _params(model)
+    for n, d in total.deltas.items():
+        p = params[n]
+        p.copy_(weights[n].to(p.device, p.dtype) if weights is not None else p + d.to(p.device, p.dtype))
+
+
 class Editor(Protocol):
     """What every editing method provides to ``lethe edit`` and the benchmarks.
 

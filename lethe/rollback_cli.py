@@ -32,11 +32,10 @@ def _fail(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
     import yaml
 
     from lethe import evaluation as ev
-    from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, EditArtifactError, load_weights
+    from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, EditArtifactError, restore_edited
     from lethe.io import save_pretrained
     from lethe.models import load_model
 
@@ -76,11 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             _fail(f"{name} is not the model {art_dir} was made on (its edited weights differ); pass --model")
     except EditArtifactError as err:
         _fail(str(err))
-    params = dict(loaded.model.named_parameters())
-    weights = load_weights(art_dir)
-    with torch.no_grad():
-        for n in total.deltas:
-            params[n].copy_(weights[n] if weights is not None else params[n] + total.deltas[n])
+    restore_edited(total, loaded.model, art_dir)
     removed = [total.requests[i] for i in rows]
     left = total.rollback(loaded.model, rows)
     out = {"rolled_back": [r.case_id for r in removed], "remaining_edits": len(left.requests)}
@@ -90,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if left.requests and all(r.target_true for r in left.requests):
         out["remaining_efficacy"] = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family,
                                                           left.requests)["efficacy"]
+    params = dict(loaded.model.named_parameters())
     left.save(art_dir, weights={n: params[n] for n in left.deltas})
     if (run / MODEL_DIR).is_dir():
         save_pretrained(loaded.model, loaded.tokenizer, run / MODEL_DIR)

@@ -11,7 +11,7 @@ their neighbourhoods and on general ability. A neighbourhood prompt about a subj
 itself edited for the same relation is meant to change, so it cannot show bleed: it is left out and
 counted (``neighbour_prompts_left_out``), the rule ``benchmarks/editing_memit.py`` and ``lethe edit``
 apply. General ability is scored on facts whose subjects no edit of the stream touches
-(``untouched_world_facts``) or on held-out text, by a function the caller picks.
+(``untouched_world_facts``), by a function the caller picks.
 
 ``plot_stream`` draws the curves (one panel per metric, one line per method).
 """
@@ -22,8 +22,6 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
 
 from lethe import evaluation as ev
 from lethe import lm
@@ -84,27 +82,6 @@ def recall(loaded, pairs: Sequence[tuple[str, str]]) -> float:
     hits = lm.greedy_match(loaded.model, loaded.tokenizer, loaded.family, [p for p, _ in pairs],
                            [a for _, a in pairs])
     return float(hits.float().mean())
-
-
-@torch.no_grad()
-def perplexity(loaded, texts: Sequence[str], batch_size: int = 16) -> float:
-    """exp(mean token NLL) of the texts (decoders: every token after the first)."""
-    was = loaded.model.training
-    loaded.model.eval()
-    total, count = 0.0, 0
-    device = next(loaded.model.parameters()).device
-    for s in range(0, len(texts), batch_size):
-        enc = loaded.tokenizer(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                               max_length=128)
-        enc = lm.to_device(dict(enc), device)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, lm.IGNORE)
-        logits = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                labels[:, 1:].reshape(-1), ignore_index=lm.IGNORE, reduction="sum")
-        total += float(nll)
-        count += int((labels[:, 1:] != lm.IGNORE).sum())
-    loaded.model.train(was)
-    return float(torch.exp(torch.tensor(total / max(count, 1))))
 
 
 def stream_row(loaded, edited: Sequence[EditRequest], general: Callable[[object], float] | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lethe.edit_cli import build_editor
-from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, load_weights
+from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, restore_edited
 from lethe.io import write_json
 from lethe.models import LoadedModel
 from lightning_modules.base import ModelModule
@@ -71,19 +71,12 @@ class EditingModule(ModelModule):
             if total.meta.get("model_source") not in (None, self.model_source) or \
                     total.meta.get("editor") != self.hparams.editor:
                 raise ValueError(f"{path} holds a run of another model or editor; remove it or set resume=false")
-            params = dict(self.model.named_parameters())
             total.check(self.model)
             changed = total.changed_bases(self.model)
             if changed:
                 raise ValueError(f"{path} was made on other weights of {changed} than {self.model_source} has now; "
                                  "remove it or set model.init_args.resume=false")
-            weights = load_weights(path)
-            if weights is None:  # an artifact saved without weights: base + deltas (equal up to rounding)
-                total.apply(self.model, check_base=False)
-            else:
-                with torch.no_grad():
-                    for n in total.deltas:
-                        params[n].copy_(weights[n].to(params[n].device, params[n].dtype))
+            restore_edited(total, self.model, path)
             self.total = total
             self._done_batches = self._saved_through = int(total.meta.get("completed_batches", 0))
             print(f"resuming a sequential edit run: {self._done_batches} batches already applied from {path}")
