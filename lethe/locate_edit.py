@@ -16,7 +16,10 @@ consistency fix that the reference code lacked).
 
 from __future__ import annotations
 
+import inspect
 import random
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +61,9 @@ class LocateEditHyperParams:
     mom2_batch_size: int = 8
     mom2_ridge: float = 0.0  # λ·mean(diag C) added to C before the solve (0 = the papers)
     seed: int = 0
+    # decoders: compute the positions before the edit once (they never see δ) and run each optimisation step on
+    # the rest alone; the same δ to float rounding (checked at δ = 0 on every call), a fraction of the work
+    reuse_prefix: bool = True
 
 
 # --------------------------------------------------------------------------- prompts and positions
@@ -157,11 +163,6 @@ def edit_positions(batch: dict[str, torch.Tensor], subject_pos: Sequence[int], f
     return (first - 1 if family == "decoder" else first).tolist()
 
 
-def first_label_positions(labels: torch.Tensor, family: str) -> torch.Tensor:
-    """Where, in ``lm.aligned`` logits, the first target token is predicted."""
-    lb = labels[:, 1:] if family == "decoder" else labels
-    return (lb != lm.IGNORE).float().argmax(-1)
-
 
 def group_mean(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """Mean of ``values`` rows per owner (n × width)."""
@@ -172,14 +173,152 @@ def group_mean(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------- the value optimisation
+def _next_targets(labels: torch.Tensor, family: str) -> torch.Tensor:
+    """Per logit column, the label it is scored on (IGNORE where none): decoders predict the next token."""
+    if family != "decoder":
+        return labels
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], lm.IGNORE)], 1)
+
+
+def _forward_accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(unwrap(model).forward).parameters
+
+
+class _FullRows:
+    """Every step runs the whole prompt of each active row (the general path: any family)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], pos: torch.Tensor, family: str) -> None:
+        self.batch, self.pos, self.family = batch, pos, family
+        self.targets = _next_targets(batch["labels"], family)
+
+    def rows(self, sel: torch.Tensor):
+        """Rows ``sel``: model inputs, the label each logit column is scored on, and each row's edit position."""
+        sub = {k: v[sel] for k, v in self.batch.items()}
+        return lm.model_inputs(sub, self.family), self.targets[sel], self.pos[sel]
+
+
+class _SuffixRows:
+    """Decoders: a token before the edit position never sees δ (attention is causal), so its keys and values
+    at every layer are fixed for the whole optimisation. They are computed once (the model's KV cache) and each
+    step runs only the tokens from the edit position on, projecting onto the vocabulary only the columns that
+    predict a target token (``logits_to_keep``). For a prompt behind a 10-token prefix that is a fraction of
+    the work. Rows are left-padded so every row's edit position falls in one column P."""
+
+    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], pos: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self._cache_class = DynamicCache
+        self.config = unwrap(model).config
+        self.cache_arg = "cache" if _forward_accepts(model, "cache") else "past_key_values"
+        lengths = batch["attention_mask"].sum(-1)
+        self.P = int(pos.max())
+        shift = self.P - pos
+        width = int((shift + lengths).max())
+        n = len(pos)
+        device = batch["input_ids"].device
+        ids = torch.zeros((n, width), dtype=torch.long, device=device)  # padding: masked, any id does
+        mask = torch.zeros((n, width), dtype=torch.long, device=device)
+        labels = torch.full((n, width), lm.IGNORE, dtype=torch.long, device=device)
+        for i in range(n):
+            a, m = int(shift[i]), int(lengths[i])
+            ids[i, a:a + m] = batch["input_ids"][i, :m]
+            mask[i, a:a + m] = 1
+            labels[i, a:a + m] = batch["labels"][i, :m]
+        self.ids, self.mask = ids, mask
+        self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :self.P], attention_mask=mask[:, :self.P],
+                        position_ids=self.position_ids[:, :self.P], use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        targets = _next_targets(labels[:, self.P:], "decoder")
+        self.keep = None
+        if _forward_accepts(model, "logits_to_keep"):
+            self.keep = (targets != lm.IGNORE).any(0).nonzero().squeeze(-1)
+            targets = targets[:, self.keep]
+        self.targets = targets
+
+    def rows(self, sel: torch.Tensor):
+        cache = self._cache_class([(k[sel], v[sel]) for k, v in self.kv], config=self.config)
+        inputs = {"input_ids": self.ids[sel, self.P:], "attention_mask": self.mask[sel],
+                  "position_ids": self.position_ids[sel, self.P:], self.cache_arg: cache, "use_cache": True}
+        if self.keep is not None:
+            inputs["logits_to_keep"] = self.keep
+        return inputs, self.targets[sel], torch.zeros_like(sel)
+
+
+def _row_scores(model, module_name: str, runner, sel: torch.Tensor, delta: torch.Tensor | None, own: torch.Tensor):
+    """Per row of ``sel``: the mean target NLL, the log-probabilities at the first target token and the module's
+    output at the edit position (before δ), with each row's δ (``delta[own]``; None: nothing) added to
+    ``module_name``'s output at its edit position."""
+    inputs, targets, s_pos = runner.rows(sel)
+    s_own = own[sel]
+    s_idx = torch.arange(len(sel), device=sel.device)
+    shape = inputs["input_ids"].shape
+    seen = {}
+
+    def add_delta(x: torch.Tensor, _name: str) -> torch.Tensor:
+        view = x.view(*shape, x.shape[-1]) if x.dim() == 2 else x
+        seen["value"] = view[s_idx, s_pos]
+        if delta is None:
+            return x
+        view = view.clone()
+        view[s_idx, s_pos] = view[s_idx, s_pos] + delta[s_own].to(view.dtype)
+        return view.view(x.shape)
+
+    with Trace(model, module_name, retain_output=False, edit_output=add_delta):
+        logits = model(**inputs).logits
+    mask = targets != lm.IGNORE
+    picked = logits[mask].float()
+    lp = picked.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
+    tok_lp = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
+    row_nll = -tok_lp.sum(-1) / mask.sum(-1).clamp(min=1)
+    first = mask.float().argmax(-1)
+    return row_nll, torch.log_softmax(logits[s_idx, first].float(), -1), seen["value"]
+
+
+# models on which the cached-prefix forward was checked against the full one (once per model object)
+_PREFIX_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _choose_runner(model: nn.Module, module_name: str, batch: dict[str, torch.Tensor], pos: torch.Tensor,
+                   own: torch.Tensor, family: str, reuse: bool):
+    """The forward each optimisation step runs: the cached-prefix one for decoders (checked against the full
+    forward at δ = 0 the first time a model meets it; on a disagreement the full one, with a warning)."""
+    full = _FullRows(batch, pos, family)
+    if not (reuse and family == "decoder" and int(pos.max()) > 0):
+        return full
+    suffix = _SuffixRows(model, batch, pos)
+    if unwrap(model) in _PREFIX_CHECKED:
+        return suffix
+    rows = torch.arange(len(pos), device=pos.device)
+    a, b = _row_scores(model, module_name, full, rows, None, own), _row_scores(model, module_name, suffix, rows,
+                                                                                  None, own)
+    gap = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+    if gap > 1e-3 * max(1.0, float(a[2].abs().max())):
+        warnings.warn(f"value optimisation: the cached-prefix forward of {type(unwrap(model)).__name__} differs "
+                      f"from the full one by {gap:.2g} at δ = 0; every step runs the whole prompt", stacklevel=3)
+        return full
+    _PREFIX_CHECKED.add(unwrap(model))
+    return suffix
+
+
 def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditRequest], module_name: str,
                     hp: LocateEditHyperParams, prefixes: Sequence[str] = ("",)) -> dict:
     """Target outputs z = v₀ + δ of ``module_name`` at the edit position, δ per request optimised in one batch
     (see the module docstring); a request under ``hp.early_stop_loss`` is frozen and leaves the batch.
 
-    Returns ``{"z", "delta", "v_init"}`` (n × width), per request ``"loss"`` (final NLL) and ``"steps"``, and
-    ``"history"``: the mean target NLL of each request at every step (steps × n; NaN once it stopped).
+    The unedited pass (v₀, the KL reference and, for decoders with ``hp.reuse_prefix``, the cached positions
+    before the edit) runs in full precision; the optimisation steps run in whatever autocast surrounds the
+    call (``lethe edit --trainer.precision bf16-mixed``). The cached path is checked against the full one at
+    δ = 0 and falls back to it (with a warning) on a model where they disagree.
+
+    Returns ``{"z", "delta", "v_init"}`` (n × width), per request ``"loss"`` (final NLL) and ``"steps"``,
+    ``"history"``: the mean target NLL of each request at every step (steps × n; NaN once it stopped), and
+    ``"reused_prefix"``: whether the cached path ran.
     """
+    from lethe.precision import full_precision
+
     device = next(model.parameters()).device
     n = len(requests)
     rows, owner, is_kl = request_rows(requests, prefixes, hp.kl_prompts)
@@ -189,23 +328,19 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
     pos_t = torch.tensor(pos, device=device)
     own = torch.tensor(owner, device=device)
     kl_mask = torch.tensor(is_kl, device=device)
-    first = first_label_positions(batch["labels"], family)
     was_training = model.training
     model.eval()
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():  # only δ needs gradients: no graph through the weights
         p.requires_grad_(False)
     try:
-        with torch.no_grad(), Trace(model, module_name, retain_output=True) as tr:
-            logits = lm.forward_logits(model, batch, family)
-            out = as_btd(tr.output, batch)
+        all_rows = torch.arange(len(rows), device=device)
+        with full_precision(device), torch.no_grad():
+            runner = _choose_runner(model, module_name, batch, pos_t, own, family, hp.reuse_prefix)
+            _, kl_init, out = _row_scores(model, module_name, runner, all_rows, None, own)  # KL: on KL rows only
             rw = ~kl_mask
-            all_rows = torch.arange(len(rows), device=device)
-            v_init = group_mean(out[all_rows[rw], pos_t[rw]].float(), own[rw], n)
-            lg, _ = lm.aligned(logits, batch["labels"], family)
-            kl_init = torch.log_softmax(lg[all_rows, first].float(), -1)  # used on the KL rows only
+            v_init = group_mean(out[rw].float(), own[rw], n)
             width = out.shape[-1]
-        del logits, lg, out
         delta = torch.zeros(n, width, device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * v_init.norm(dim=-1)
@@ -218,24 +353,12 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
         n_rw = torch.bincount(own[~kl_mask], minlength=n).clamp(min=1).float()
         for _ in range(hp.v_steps):
             sel = active[own].nonzero().squeeze(-1)
-            sub = {k: v[sel] for k, v in batch.items()}
-            s_own, s_pos, s_kl = own[sel], pos_t[sel], kl_mask[sel]
-            s_idx = torch.arange(len(sel), device=device)
-
-            def add_delta(x: torch.Tensor, _name: str, sub=sub, s_own=s_own, s_pos=s_pos, s_idx=s_idx):
-                view = as_btd(x, sub).clone()
-                view[s_idx, s_pos] = view[s_idx, s_pos] + delta[s_own].to(view.dtype)
-                return view.view(x.shape)
-
-            with torch.enable_grad(), Trace(model, module_name, retain_output=False, edit_output=add_delta):
-                logits = lm.forward_logits(model, sub, family)
-                tok_lp, mask = lm.token_logprobs(logits, sub["labels"], family)
-                row_nll = -tok_lp.sum(-1) / mask.sum(-1).clamp(min=1)
-                lg, _ = lm.aligned(logits, sub["labels"], family)
-                new_lp = torch.log_softmax(lg[s_idx, first[sel]].float(), -1)
+            s_own, s_kl = own[sel], kl_mask[sel]
+            with torch.enable_grad():
+                row_nll, new_lp, _ = _row_scores(model, module_name, runner, sel, delta, own)
                 row_kl = (new_lp.exp() * (new_lp - kl_init[sel])).sum(-1)  # KL(new ‖ original), per row
-                nll = torch.zeros(n, device=device).index_add(0, s_own[~s_kl], row_nll[~s_kl]) / n_rw
-                kl = torch.zeros(n, device=device).index_add(0, s_own[s_kl], row_kl[s_kl]) / n_kl
+                nll = torch.zeros(n, device=device).index_add(0, s_own[~s_kl], row_nll[~s_kl].float()) / n_rw
+                kl = torch.zeros(n, device=device).index_add(0, s_own[s_kl], row_kl[s_kl].float()) / n_kl
                 decay = hp.v_weight_decay * delta.norm(dim=-1) / v_norm2
                 loss = ((nll + hp.kl_factor * kl + decay) * active.clone()).sum()
             with torch.no_grad():
@@ -261,7 +384,7 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
         model.train(was_training)
     d = delta.detach()
     return {"z": v_init + d, "delta": d, "v_init": v_init, "loss": last_nll.tolist(), "steps": steps.tolist(),
-            "history": history}
+            "history": history, "reused_prefix": isinstance(runner, _SuffixRows)}
 
 
 # --------------------------------------------------------------------------- the editors' shared state

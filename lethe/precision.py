@@ -1,0 +1,55 @@
+"""One precision vocabulary for every lethe command: Lightning's (``32``, ``bf16-mixed``, ``bf16-true``).
+
+- ``lethe fit`` and ``lethe edit`` are Lightning jobs: ``--trainer.precision`` sets it, and Lightning wraps each
+  step (an edit runs in ``test_step``) in autocast.
+- ``lethe attribute``, ``lethe trace`` and ``lethe evaluate`` take ``--precision`` and use :func:`autocast`.
+
+``bf16-mixed`` runs matrix products in bfloat16 (this CPU's AMX units, a GPU's tensor cores) and keeps weights,
+optimiser state and reductions in float32. What stays in full precision whatever the setting, inside
+:func:`full_precision`:
+
+- the covariance statistics C = E[k kᵀ] (cached on disk and shared by every run, so they do not depend on it);
+- the keys k* and the unedited model's outputs that ROME / MEMIT / AlphaEdit solve with;
+- every closed-form solve (C⁻¹, MEMIT's normal equations, AlphaEdit's projection), in float64.
+
+Only the value optimisation (the many forward/backward passes for δ) and read-only scoring passes run in bf16.
+``bf16-true`` (weights cast to bfloat16) is refused by ``lethe edit``: bfloat16 keeps 8 significant bits, so a
+rank-one update smaller than ~0.4 % of a weight would be rounded away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("32", "bf16-mixed", "bf16-true")
+_ALIASES = {"32-true": "32", "32": "32", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true", "bf16": "bf16-mixed"}
+
+
+def check(precision: str | int, where: str = "--precision") -> str:
+    """The canonical name of ``precision``, or one clear error listing the choices."""
+    name = _ALIASES.get(str(precision))
+    if name is None:
+        raise ValueError(f"{where} {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def autocast(precision: str | int, device: torch.device | str = "cpu"):
+    """The context a read-only or optimisation pass runs in: bf16 autocast for ``bf16-mixed``, nothing else."""
+    device_type = torch.device(device).type
+    if check(precision) == "bf16-mixed":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device | str = "cpu"):
+    """Switch any surrounding autocast off (statistics, keys and closed-form solves)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
+def prepare_model(model: torch.nn.Module, precision: str | int) -> torch.nn.Module:
+    """``bf16-true`` casts the (read-only) model to bfloat16; the other settings leave it as it is."""
+    if check(precision) == "bf16-true":
+        return model.to(torch.bfloat16)
+    return model
