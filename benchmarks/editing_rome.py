@@ -47,6 +47,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, method: str, ft_help: 
     parser.add_argument("--ft-eps", type=float, default=5e-2, help=ft_help)
     parser.add_argument("--no-ft", action="store_true")
     parser.add_argument("--cache-dir", default=None, help="covariance cache (default: lethe's cache)")
+    parser.add_argument("--precision", default="32,bf16-mixed",
+                        help="comma list of precisions to edit in (32, bf16-mixed); each gets its own row with "
+                             "seconds_per_edit and mfu (FLOP/s over this process's measured matmul rate)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +90,32 @@ def single_edits(loaded, editor, reqs) -> tuple[list[dict], list[float]]:
         rows.append(_scores(loaded, req, pre_loc))
         art.revert(loaded.model)
     return rows, secs
+
+
+def edits_by_precision(loaded, editor, reqs, precisions: list[str], flop_sample: int = 3) -> list[dict]:
+    """The same single edits under each precision: scores, seconds per edit and MFU. FLOPs are counted by
+    replaying the first ``flop_sample`` edits under torch's FLOP counter (untimed); MFU is their FLOPs over
+    their timed seconds, as a share of this process's matmul rate for that precision."""
+    from hardware import count_flops, matmul_rates, mfu
+
+    from lethe.precision import autocast, check
+
+    rates = matmul_rates(next(loaded.model.parameters()).device)
+    out = []
+    for prec in precisions:
+        prec = check(prec)
+        with autocast(prec, next(loaded.model.parameters()).device):
+            rows, secs = single_edits(loaded, editor, reqs)
+            flops = 0
+            for req in reqs[:flop_sample]:
+                art, f = count_flops(lambda req=req: editor.edit(loaded, [req]))
+                art.revert(loaded.model)
+                flops += f
+        k = min(flop_sample, len(secs))
+        out.append({"precision": prec, **_summary(rows, secs),
+                    "gflop_per_edit": round(flops / max(1, k) / 1e9, 2),
+                    "mfu": mfu(flops, sum(secs[:k]), rates, prec), "matmul_rates": rates})
+    return out
 
 
 def ft_l_edit(loaded, req, param: torch.nn.Parameter, steps: int, lr: float, eps: float) -> None:
@@ -132,7 +161,7 @@ def run(args) -> dict:
     param = dict(model.named_parameters())[pname]
     fp0 = fingerprint(param)
     tracemalloc.start()
-    rome_rows, rome_s = single_edits(loaded, editor, reqs)
+    precisions = edits_by_precision(loaded, editor, reqs, args.precision.split(","))
     rome_trace_peak = tracemalloc.get_traced_memory()[1]
     revert_exact = fingerprint(param) == fp0
 
@@ -149,7 +178,8 @@ def run(args) -> dict:
                 param.copy_(before[pname])
     tracemalloc.stop()
 
-    rome = _summary(rome_rows, rome_s)
+    first = precisions[0]
+    rome = {k: v for k, v in first.items() if k != "matmul_rates"}  # the first precision's row, at the top level
     result = {
         "model": args.model,
         "family": family,
@@ -167,6 +197,7 @@ def run(args) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "tracemalloc_peak_mb_rome": round(rome_trace_peak / 2**20, 2),
         "revert_exact": revert_exact,
+        "by_precision": precisions,
     }
     if ft_rows:
         ft = _summary(ft_rows, ft_s)

@@ -26,6 +26,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--model", type=str, default="lethe:world-decoder", help="hub name, folder or lethe: alias")
     p.add_argument("--dtype", type=str, default="float32")
+    p.add_argument("--precision", type=str, default="32",
+                   help="32, bf16-mixed (bf16 autocast of the integrated-gradient passes) or bf16-true (the model cast "
+                        "to bfloat16); see lethe.precision")
     p.add_argument("--data.source", type=str, default="world:train", help="world[:split], real_facts or a file")
     p.add_argument("--data.kind", type=str, default="counterfact")
     p.add_argument("--data.limit", type=int | None, default=5)
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from lethe import attribution as A
+    from lethe import precision as P
     from lethe.cli import make_loggers
     from lethe.io import atomic_path, write_json
     from lethe.models import load_model
@@ -91,15 +95,21 @@ def main(argv: list[str] | None = None) -> dict:
     name = cfg.run.name or (Path(str(cfg.config[-1])).stem if cfg.get("config") else "attribute")
     run_dir = Path(cfg.run.root) / name
     facts = load_facts(cfg.data.source, cfg.data.kind, cfg.data.limit, cfg.data.offset)
+    try:
+        precision = P.check(cfg.precision)
+    except ValueError as err:
+        raise SystemExit(f"lethe attribute: {err}") from None
     loaded = load_model(cfg.model, dtype=cfg.dtype)
+    P.prepare_model(loaded.model, precision)
     at = cfg.attribution
     A.resolve_sites(loaded.model, at.layers, at.stacks, loaded.adapter)  # bad layers fail before any work
     loggers = make_loggers(cfg.run.logger, run_dir, name, cfg.run.project) or []
     summary, n_prompts, t0 = [], 0, time.perf_counter()
     for i, req in enumerate(tqdm(facts, desc="attribute")):
         prompts = [req.rewrite_prompt, *req.paraphrase_prompts][: at.max_prompts or None]
-        fa = A.attribute(loaded.model, loaded.tokenizer, loaded.family, prompts, req.target_true, at.layers,
-                         at.stacks, at.steps, at.threshold, at.share, at.max_rows, adapter=loaded.adapter)
+        with P.autocast(precision, next(loaded.model.parameters()).device):
+            fa = A.attribute(loaded.model, loaded.tokenizer, loaded.family, prompts, req.target_true, at.layers,
+                             at.stacks, at.steps, at.threshold, at.share, at.max_rows, adapter=loaded.adapter)
         n_prompts += len(prompts)
         case = str(req.case_id if req.case_id is not None else i)
         with atomic_path(run_dir / "facts" / case, is_dir=True) as tmp:
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                 lg.log_image(key=f"heatmap/{case}", images=[str(run_dir / "facts" / case / "heatmap.png")],
                              step=i)
     seconds = time.perf_counter() - t0
-    result = {"model": cfg.model, "facts": len(facts), "prompts": n_prompts, "seconds": seconds,
+    result = {"model": cfg.model, "precision": precision, "facts": len(facts), "prompts": n_prompts, "seconds": seconds,
               "prompts_per_s": n_prompts / seconds, "facts_detail": summary}
     write_json(run_dir / "summary.json", result)
     for lg in loggers:

@@ -38,6 +38,7 @@ from torch import nn
 from lethe.adapters import ArchAdapter, unwrap
 from lethe.hooks import Trace
 from lethe.io import atomic_path, cache_root, tofu_dir
+from lethe.precision import full_precision_call
 
 
 class CovarianceCacheError(RuntimeError):
@@ -176,6 +177,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 @torch.no_grad()
+@full_precision_call
 def second_moment(model: nn.Module, tok, adapter: ArchAdapter, family: str, layer: int,
                   texts: Sequence[str], stack: str | None = None, max_length: int = 128, batch_size: int = 8,
                   progress: bool = True) -> tuple[torch.Tensor, int]:

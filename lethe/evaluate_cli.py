@@ -153,14 +153,18 @@ def attack_settings(args):
 def run(args) -> dict:
     import torch
 
-    from lethe import privacy
+    from lethe import precision, privacy
     from lethe.models import load_model
 
     bad = [a for a in args.attacks if a not in privacy.ATTACKS]
     if bad:
         _fail(f"unknown attack(s) {', '.join(map(repr, bad))}; choose from {', '.join(privacy.ATTACKS)}")
-    if args.precision not in ("32", "bf16-mixed"):
-        _fail(f"--precision {args.precision!r}: use 32 or bf16-mixed")
+    try:
+        args.precision = precision.check(args.precision)
+    except ValueError as err:
+        _fail(str(err))
+    if args.precision == "bf16-true":
+        _fail("--precision bf16-true: the attacks fine-tune and quantize float32 weights; use 32 or bf16-mixed")
     if args.logger not in ("none", "wandb"):
         _fail(f"--logger must be none or wandb, got {args.logger!r}")
     if args.suite == "edits":

@@ -16,6 +16,7 @@ consistency fix that the reference code lacked).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import warnings
@@ -62,8 +63,29 @@ class LocateEditHyperParams:
     mom2_ridge: float = 0.0  # λ·mean(diag C) added to C before the solve (0 = the papers)
     seed: int = 0
     # decoders: compute the positions before the edit once (they never see δ) and run each optimisation step on
-    # the rest alone; the same δ to float rounding (checked at δ = 0 on every call), a fraction of the work
+    # the rest alone; the same δ to float rounding (checked against the full forward once per model)
     reuse_prefix: bool = True
+    # Two places where lethe deliberately differs from the reference code (kmeng01/rome, kmeng01/memit):
+    # where the KL term reads the "{subject} is a" prompts: "next_token" (lethe: the distribution over what follows
+    # the prompt, the prediction the term means to keep) or "edit_position" (the reference: at the edit position,
+    # the subject's last token, whose next-token distribution is about the subject's own continuation)
+    kl_position: str = "next_token"
+    # what early_stop_loss is compared with: "nll" (lethe: the mean target NLL alone, so a request stops when its
+    # target is likely, whatever the KL and weight decay) or "total" (the reference: NLL + KL + weight decay, and
+    # no step after the last loss evaluated, so v_steps evaluations make v_steps - 1 steps)
+    stop_on: str = "nll"
+    # "lethe" keeps the two settings above as given; "reference" sets both to the reference's choice
+    # (edit_position, total) to reproduce published numbers
+    protocol: str = "lethe"
+
+    def __post_init__(self) -> None:
+        choices = {"position": ("subject_last", "prompt_last"), "kl_position": ("next_token", "edit_position"),
+                   "stop_on": ("nll", "total"), "protocol": ("lethe", "reference")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"hparams.{name} = {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.protocol == "reference":
+            self.kl_position, self.stop_on = "edit_position", "total"
 
 
 # --------------------------------------------------------------------------- prompts and positions
@@ -204,7 +226,8 @@ class _SuffixRows:
     predict a target token (``logits_to_keep``). For a prompt behind a 10-token prefix that is a fraction of
     the work. Rows are left-padded so every row's edit position falls in one column P."""
 
-    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], pos: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], pos: torch.Tensor,
+                 keep_edit_column: bool = False) -> None:
         from transformers import DynamicCache
 
         self._cache_class = DynamicCache
@@ -234,7 +257,9 @@ class _SuffixRows:
         targets = _next_targets(labels[:, self.P:], "decoder")
         self.keep = None
         if _forward_accepts(model, "logits_to_keep"):
-            self.keep = (targets != lm.IGNORE).any(0).nonzero().squeeze(-1)
+            wanted = (targets != lm.IGNORE).any(0)
+            wanted[0] |= keep_edit_column  # the edit position's own prediction (kl_position: edit_position)
+            self.keep = wanted.nonzero().squeeze(-1)
             targets = targets[:, self.keep]
         self.targets = targets
 
@@ -247,10 +272,11 @@ class _SuffixRows:
         return inputs, self.targets[sel], torch.zeros_like(sel)
 
 
-def _row_scores(model, module_name: str, runner, sel: torch.Tensor, delta: torch.Tensor | None, own: torch.Tensor):
-    """Per row of ``sel``: the mean target NLL, the log-probabilities at the first target token and the module's
-    output at the edit position (before δ), with each row's δ (``delta[own]``; None: nothing) added to
-    ``module_name``'s output at its edit position."""
+def _row_scores(model, module_name: str, runner, sel: torch.Tensor, delta: torch.Tensor | None, own: torch.Tensor,
+                kl_position: str = "next_token"):
+    """Per row of ``sel``: the mean target NLL, the log-probabilities the KL term compares (at the first target
+    token, or at the edit position: ``kl_position``) and the module's output at the edit position (before δ),
+    with each row's δ (``delta[own]``; None: nothing) added to ``module_name``'s output at its edit position."""
     inputs, targets, s_pos = runner.rows(sel)
     s_own = own[sel]
     s_idx = torch.arange(len(sel), device=sel.device)
@@ -273,8 +299,9 @@ def _row_scores(model, module_name: str, runner, sel: torch.Tensor, delta: torch
     lp = picked.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
     tok_lp = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
     row_nll = -tok_lp.sum(-1) / mask.sum(-1).clamp(min=1)
-    first = mask.float().argmax(-1)
-    return row_nll, torch.log_softmax(logits[s_idx, first].float(), -1), seen["value"]
+    # the edit position's logit column is s_pos in both runners (the suffix keeps its column 0 when asked)
+    at = s_pos if kl_position == "edit_position" else mask.float().argmax(-1)
+    return row_nll, torch.log_softmax(logits[s_idx, at].float(), -1), seen["value"]
 
 
 # models on which the cached-prefix forward was checked against the full one (once per model object)
@@ -282,25 +309,49 @@ _PREFIX_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _choose_runner(model: nn.Module, module_name: str, batch: dict[str, torch.Tensor], pos: torch.Tensor,
-                   own: torch.Tensor, family: str, reuse: bool):
+                   own: torch.Tensor, family: str, reuse: bool, kl_position: str = "next_token"):
     """The forward each optimisation step runs: the cached-prefix one for decoders (checked against the full
-    forward at δ = 0 the first time a model meets it; on a disagreement the full one, with a warning)."""
+    forward at δ = 0, in float32, the first time a model meets it; on a disagreement the full one, with a
+    warning). The cache itself is computed in whatever precision surrounds the call, as the steps are."""
+    from lethe.precision import full_precision
+
     full = _FullRows(batch, pos, family)
     if not (reuse and family == "decoder" and int(pos.max()) > 0):
         return full
-    suffix = _SuffixRows(model, batch, pos)
-    if unwrap(model) in _PREFIX_CHECKED:
-        return suffix
-    rows = torch.arange(len(pos), device=pos.device)
-    a, b = _row_scores(model, module_name, full, rows, None, own), _row_scores(model, module_name, suffix, rows,
-                                                                                  None, own)
-    gap = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
-    if gap > 1e-3 * max(1.0, float(a[2].abs().max())):
-        warnings.warn(f"value optimisation: the cached-prefix forward of {type(unwrap(model)).__name__} differs "
-                      f"from the full one by {gap:.2g} at δ = 0; every step runs the whole prompt", stacklevel=3)
-        return full
-    _PREFIX_CHECKED.add(unwrap(model))
-    return suffix
+    keep_edit = kl_position == "edit_position"
+    if unwrap(model) not in _PREFIX_CHECKED:
+        rows = torch.arange(len(pos), device=pos.device)
+        with full_precision(pos.device):
+            suffix = _SuffixRows(model, batch, pos, keep_edit_column=keep_edit)
+            a, b = (_row_scores(model, module_name, r, rows, None, own, kl_position) for r in (full, suffix))
+        gap = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+        if gap > 1e-3 * max(1.0, float(a[2].abs().max())):
+            warnings.warn(f"value optimisation: the cached-prefix forward of {type(unwrap(model)).__name__} differs "
+                          f"from the full one by {gap:.2g} at δ = 0; every step runs the whole prompt", stacklevel=3)
+            return full
+        _PREFIX_CHECKED.add(unwrap(model))
+    return _SuffixRows(model, batch, pos, keep_edit_column=keep_edit)
+
+
+@contextlib.contextmanager
+def _eager_attention_on_cpu(model: nn.Module):
+    """On CPU, many small attention backward passes run faster as plain matmuls than through torch's fused
+    attention kernel (its bfloat16 backward most of all: 37 ms a call against ~1 ms for SmolLM2's shapes), so the
+    optimisation steps switch a Hugging Face model to eager attention and back. Same maths."""
+    inner = unwrap(model)
+    impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    switch = (impl == "sdpa" and hasattr(inner, "set_attn_implementation")
+              and next(inner.parameters()).device.type == "cpu")
+    if switch:
+        try:
+            inner.set_attn_implementation("eager")
+        except (ValueError, ImportError):
+            switch = False
+    try:
+        yield
+    finally:
+        if switch:
+            inner.set_attn_implementation(impl)
 
 
 def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditRequest], module_name: str,
@@ -308,17 +359,16 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
     """Target outputs z = v₀ + δ of ``module_name`` at the edit position, δ per request optimised in one batch
     (see the module docstring); a request under ``hp.early_stop_loss`` is frozen and leaves the batch.
 
-    The unedited pass (v₀, the KL reference and, for decoders with ``hp.reuse_prefix``, the cached positions
-    before the edit) runs in full precision; the optimisation steps run in whatever autocast surrounds the
-    call (``lethe edit --trainer.precision bf16-mixed``). The cached path is checked against the full one at
-    δ = 0 and falls back to it (with a warning) on a model where they disagree.
+    Everything here runs in whatever autocast surrounds the call (``lethe edit --trainer.precision
+    bf16-mixed``), the unedited pass included, so the KL term is 0 at δ = 0. Under bf16, ``v_init`` is therefore
+    a bf16 reading: callers that need the exact unedited value take it in full precision themselves and add δ
+    (MEMIT's z). The cached path is checked against the full one at δ = 0 in float32, once per model, and
+    falls back to the full forward (with a warning) on a model where they disagree.
 
     Returns ``{"z", "delta", "v_init"}`` (n × width), per request ``"loss"`` (final NLL) and ``"steps"``,
     ``"history"``: the mean target NLL of each request at every step (steps × n; NaN once it stopped), and
     ``"reused_prefix"``: whether the cached path ran.
     """
-    from lethe.precision import full_precision
-
     device = next(model.parameters()).device
     n = len(requests)
     rows, owner, is_kl = request_rows(requests, prefixes, hp.kl_prompts)
@@ -330,14 +380,16 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
     kl_mask = torch.tensor(is_kl, device=device)
     was_training = model.training
     model.eval()
+    attention = None
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():  # only δ needs gradients: no graph through the weights
         p.requires_grad_(False)
     try:
         all_rows = torch.arange(len(rows), device=device)
-        with full_precision(device), torch.no_grad():
-            runner = _choose_runner(model, module_name, batch, pos_t, own, family, hp.reuse_prefix)
-            _, kl_init, out = _row_scores(model, module_name, runner, all_rows, None, own)  # KL: on KL rows only
+        with torch.no_grad():
+            runner = _choose_runner(model, module_name, batch, pos_t, own, family, hp.reuse_prefix, hp.kl_position)
+            # the unedited pass in the steps' own precision, so that the KL term is exactly 0 at δ = 0
+            _, kl_init, out = _row_scores(model, module_name, runner, all_rows, None, own, hp.kl_position)
             rw = ~kl_mask
             v_init = group_mean(out[rw].float(), own[rw], n)
             width = out.shape[-1]
@@ -351,23 +403,27 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
         history: list[list[float]] = []
         n_kl = torch.bincount(own[kl_mask], minlength=n).clamp(min=1).float()
         n_rw = torch.bincount(own[~kl_mask], minlength=n).clamp(min=1).float()
-        for _ in range(hp.v_steps):
+        attention = _eager_attention_on_cpu(model)
+        attention.__enter__()
+        for it in range(hp.v_steps):
             sel = active[own].nonzero().squeeze(-1)
             s_own, s_kl = own[sel], kl_mask[sel]
             with torch.enable_grad():
-                row_nll, new_lp, _ = _row_scores(model, module_name, runner, sel, delta, own)
+                row_nll, new_lp, _ = _row_scores(model, module_name, runner, sel, delta, own, hp.kl_position)
                 row_kl = (new_lp.exp() * (new_lp - kl_init[sel])).sum(-1)  # KL(new ‖ original), per row
                 nll = torch.zeros(n, device=device).index_add(0, s_own[~s_kl], row_nll[~s_kl].float()) / n_rw
                 kl = torch.zeros(n, device=device).index_add(0, s_own[s_kl], row_kl[s_kl].float()) / n_kl
                 decay = hp.v_weight_decay * delta.norm(dim=-1) / v_norm2
-                loss = ((nll + hp.kl_factor * kl + decay) * active.clone()).sum()
+                total = nll + hp.kl_factor * kl + decay
+                loss = (total * active.clone()).sum()
             with torch.no_grad():
                 last_nll[active] = nll.detach()[active]
                 history.append(torch.where(active, nll.detach(), torch.nan).tolist())
                 steps[active.cpu()] += 1
-                active &= ~(last_nll < hp.early_stop_loss)
-            if not bool(active.any()):
-                break
+                crit = last_nll if hp.stop_on == "nll" else torch.where(active, total.detach(), last_nll)
+                active &= ~(crit < hp.early_stop_loss)
+            if not bool(active.any()) or (hp.stop_on == "total" and it == hp.v_steps - 1):
+                break  # the reference's rule also takes no step after the last loss it evaluates
             (grad,) = torch.autograd.grad(loss, [delta])
             kept = delta.detach().clone()
             delta.grad = grad
@@ -379,6 +435,8 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
     finally:
+        if attention is not None:
+            attention.__exit__(None, None, None)
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was_training)

@@ -64,6 +64,7 @@ from lethe.locate_edit import (
     optimise_values,
     request_rows,
 )
+from lethe.precision import full_precision_call
 from lethe.progress import Progress
 from lethe.records import EditRequest
 
@@ -125,6 +126,7 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
 
 # --------------------------------------------------------------------------- batched passes
 @torch.no_grad()
+@full_precision_call
 def keys_and_outputs(model: nn.Module, tok, adapter: ArchAdapter, family: str, requests: Sequence[EditRequest],
                      layer: int, out_layer: int, stack: str | None = None, prefixes: Sequence[str] = ("",),
                      batch_size: int = 64, position: str = "subject_last") -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,12 +197,12 @@ class MEMITEditor(LocateEditor):
         bar = Progress(len(requests), "MEMIT targets z (requests)", enabled=self.progress)
         for s in range(0, len(requests), max(1, hp.z_batch_size)):
             out = optimise_values(model, tok, family, requests[s:s + hp.z_batch_size], z_module, hp, prefixes)
-            zs.append(out["z"])
+            zs.append(out["delta"])
             losses += out["loss"]
             steps += out["steps"]
             bar.update(len(out["steps"]))
         bar.close()
-        z = torch.cat(zs)
+        deltas = torch.cat(zs)
         t_z = time.perf_counter() - t0
 
         layer_stats = []
@@ -208,6 +210,8 @@ class MEMITEditor(LocateEditor):
         for i, layer in enumerate(layers):
             keys, cur = keys_and_outputs(model, tok, adapter, family, requests, layer, last, hp.stack, prefixes,
                                          hp.key_batch_size, hp.position)
+            if i == 0:  # z = the unedited output, read in full precision (whatever the steps ran in), + δ
+                z = cur + deltas.to(cur.device)
             resid = (z - cur).to(torch.float64) / (len(layers) - i)
             v = self.update_step(loaded, layer, keys, resid)
             dw = resid.to(v.device).T @ v

@@ -53,3 +53,16 @@ def prepare_model(model: torch.nn.Module, precision: str | int) -> torch.nn.Modu
     if check(precision) == "bf16-true":
         return model.to(torch.bfloat16)
     return model
+
+
+def full_precision_call(fn):
+    """Decorator: ``fn`` runs in full precision whatever autocast surrounds it (statistics and keys)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), (torch.autocast("cuda", enabled=False)
+                                                    if torch.cuda.is_available() else contextlib.nullcontext()):
+            return fn(*args, **kwargs)
+
+    return wrapper

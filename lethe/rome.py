@@ -42,6 +42,7 @@ from lethe.locate_edit import (
     encode_at_subject,
     optimise_values,
 )
+from lethe.precision import full_precision_call
 from lethe.progress import Progress
 from lethe.records import EditRequest
 
@@ -61,6 +62,7 @@ def hparams_from(spec: ROMEHyperParams | dict | str | None = None, **overrides) 
 
 
 @torch.no_grad()
+@full_precision_call
 def compute_keys(model: nn.Module, tok, adapter: ArchAdapter, family: str, requests: Sequence[EditRequest],
                  layer: int, stack: str | None = None, prefixes: Sequence[str] = ("",),
                  position: str = "subject_last") -> torch.Tensor:

@@ -46,6 +46,9 @@ def build_parser():
     p.add_argument("--stack", type=str | None, default=None, help="stack to restore (default: the edited one)")
     p.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
     p.add_argument("--dtype", type=str, default="float32")
+    p.add_argument("--precision", type=str, default="32",
+                   help="32, bf16-mixed (bf16 autocast of the corrupted/restored runs) or bf16-true (the model cast to "
+                        "bfloat16); see lethe.precision")
     p.add_argument("--device", type=str | None, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-max", type=int, default=10, help="per-fact heatmaps to draw")
@@ -58,6 +61,7 @@ def run(args) -> dict:
     import torch
     from tqdm.auto import tqdm
 
+    from lethe import precision as P
     from lethe import tracing
     from lethe.models import load_model
 
@@ -74,9 +78,13 @@ def run(args) -> dict:
     if args.logger not in ("none", "wandb"):
         raise SystemExit(f"lethe trace: --logger must be none or wandb, got {args.logger!r}")
 
+    try:
+        precision = P.check(args.precision)
+    except ValueError as err:
+        raise SystemExit(f"lethe trace: {err}") from None
     loaded = load_model(args.model, dtype=args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model.to(device)
+    model = P.prepare_model(loaded.model.to(device), precision)
     noise = args.noise
     if noise is None:
         noise = tracing.embedding_noise_level(model, loaded.tokenizer, [s for _, s, _ in facts], 3.0,
@@ -84,15 +92,16 @@ def run(args) -> dict:
     out = Path(args.out)
     results, t0 = [], time.perf_counter()
     for prompt, subject, target in tqdm(facts, desc="facts", disable=len(facts) == 1):
-        results.append(tracing.trace_fact(model, loaded.tokenizer, prompt, subject, target, kinds=kinds,
-                                          noise=noise, samples=args.samples, window=args.window,
-                                          stack=args.stack, batch_size=args.batch_size, seed=args.seed,
-                                          adapter=loaded.adapter, family=loaded.family,
-                                          progress=len(facts) == 1))
+        with P.autocast(precision, device):
+            results.append(tracing.trace_fact(model, loaded.tokenizer, prompt, subject, target, kinds=kinds,
+                                              noise=noise, samples=args.samples, window=args.window,
+                                              stack=args.stack, batch_size=args.batch_size, seed=args.seed,
+                                              adapter=loaded.adapter, family=loaded.family,
+                                              progress=len(facts) == 1))
     seconds = time.perf_counter() - t0
     pictures = [tracing.plot_trace(r, out / f"trace_{i}.png") for i, r in enumerate(results[: args.plot_max])]
-    summary: dict = {"model": args.model, "family": loaded.family, "facts": len(results), "noise": noise,
-                     "samples": args.samples, "kinds": kinds, "seconds": round(seconds, 2),
+    summary: dict = {"model": args.model, "family": loaded.family, "precision": precision, "facts": len(results),
+                     "noise": noise, "samples": args.samples, "kinds": kinds, "seconds": round(seconds, 2),
                      "mean_clean_p": sum(r.high_score for r in results) / len(results),
                      "mean_corrupted_p": sum(r.low_score for r in results) / len(results)}
     if len(results) > 1 or "mlp" in kinds:

@@ -62,6 +62,13 @@ class EditingModule(ModelModule):
     def skip_batch(self, batch_idx: int) -> bool:
         return batch_idx < self._done_batches
 
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            raise ValueError(f"trainer.precision={precision!r}: lethe edit runs in 32 or bf16-mixed (bf16 autocast of "
+                             "the value optimisation; keys and solves stay float32/float64). Weights cast to 16 bits "
+                             "would round away updates smaller than their last bit")
+
     def on_test_start(self) -> None:
         if hasattr(self.editor, "prepare"):  # statistics of the unedited model, before a resumed run's weights
             self.editor.prepare(self.loaded)

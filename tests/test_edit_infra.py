@@ -122,7 +122,7 @@ def tiny_job(tmp_path):
     return tmp_path
 
 
-def _run_edit(tmp, limit: int, sequential: bool, monkeypatch, name: str = "job") -> None:
+def _run_edit(tmp, limit: int, sequential: bool, monkeypatch, name: str = "job", precision: str = "32") -> None:
     from lethe.edit_cli import main
 
     cfg = {
@@ -134,7 +134,7 @@ def _run_edit(tmp, limit: int, sequential: bool, monkeypatch, name: str = "job")
         "data": {"class_path": "datamodules.edits.EditDataModule",
                  "init_args": {"source": str(tmp / "reqs.json"), "limit": limit}},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+                    "enable_progress_bar": False, "enable_model_summary": False, "precision": precision},
         "run": {"root": str(tmp / "runs"), "name": name, "logger": "csv"},
     }
     (tmp / "cfg.json").write_text(json.dumps(cfg))
@@ -179,6 +179,21 @@ def test_edit_job_independent_edits_revert(tiny_job, monkeypatch):
     assert [r.case_id for r in a0.requests] == [0]
     # every edit met the original weights: the module reverted the previous one after its evaluation
     assert a0.base_fingerprints == EditArtifact.load(arts[1]).base_fingerprints
+
+
+def test_edit_job_in_bf16_mixed_edits_float32_weights_and_refuses_bf16_true(tiny_job, monkeypatch):
+    """--trainer.precision bf16-mixed: the edit's optimisation runs under bf16 autocast, the model stays float32 and
+    the edit lands (efficacy scored); bf16-true is refused before any weight changes."""
+    tmp = tiny_job
+    _run_edit(tmp, 1, True, monkeypatch, name="bf16", precision="bf16-mixed")
+    run = tmp / "runs" / "bf16"
+    art = EditArtifact.load(run / "edit_artifact")
+    assert all(d.dtype == torch.float32 and float(d.norm()) > 0 for d in art.deltas.values())
+    results = json.loads((run / "edit_results.json").read_text())
+    assert results["cases"][0]["counterfact/efficacy"] == 1.0
+    with pytest.raises(ValueError, match="trainer.precision='bf16-true'"):
+        _run_edit(tmp, 1, True, monkeypatch, name="bf16true", precision="bf16-true")
+    assert not (tmp / "runs" / "bf16true" / "edit_artifact").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,67 @@
+"""This machine's pace, measured in the benchmark's own process, and model FLOP utilisation (MFU) against it.
+
+These machines are noisy and differ from each other, so a benchmark reports its throughput as a fraction of
+what the same process measured the hardware can do a moment earlier, not against a datasheet:
+
+- ``matmul_rates()``: the best GFLOP/s of a square float32 and a square bfloat16 matmul (bf16 uses this CPU's
+  AMX units, a GPU's tensor cores);
+- ``count_flops(fn)``: the floating-point operations ``fn`` runs (forward and backward), counted by torch's
+  ``FlopCounterMode`` (matmuls, convolutions and attention; elementwise work is not counted, as in the MFU
+  convention of the PaLM paper);
+- ``mfu(flops, seconds, rate)``: achieved FLOP/s as a share of ``rate``.
+
+``python benchmarks/hardware.py`` prints the rates as one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+RATE_KEYS = {"32": "fp32_gflops", "bf16-mixed": "bf16_gflops", "bf16-true": "bf16_gflops"}
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Best GFLOP/s of an n×n by n×n matmul in ``dtype`` over ``repeats`` timed runs (after a warm-up)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_rates(device: str | torch.device = "cpu") -> dict[str, float]:
+    """``{"fp32_gflops", "bf16_gflops"}`` of this machine, now."""
+    return {"fp32_gflops": round(matmul_rate(torch.float32, device=device), 1),
+            "bf16_gflops": round(matmul_rate(torch.bfloat16, device=device), 1)}
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
+    """Run ``fn`` once under torch's FLOP counter: its result and the FLOPs it ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return out, int(counter.get_total_flops())
+
+
+def mfu(flops: float, seconds: float, rates: dict[str, float], precision: str) -> float:
+    """Model FLOP utilisation: FLOPs / seconds as a share of the measured matmul rate of ``precision``."""
+    rate = rates[RATE_KEYS[precision]] * 1e9
+    return round(flops / max(seconds, 1e-12) / rate, 4)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    print(json.dumps(matmul_rates()))
