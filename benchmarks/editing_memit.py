@@ -79,8 +79,12 @@ def _mb(x: float) -> float:
 
 
 def run(args) -> dict:
+    from hardware import count_flops, matmul_rates, mfu
+
     from lethe.ft import ft_constrained
+    from lethe.locate_edit import optimise_values
     from lethe.memit import MEMITEditor
+    from lethe.precision import autocast, check
     from lethe.sources import load_requests
 
     torch.manual_seed(args.seed)
@@ -117,6 +121,8 @@ def run(args) -> dict:
     params = [dict(model.named_parameters())[n] for n in names]
     fps = [fingerprint(p) for p in params]
 
+    precisions = [check(p) for p in args.precision.split(",")]
+    rates = matmul_rates(device)
     runs = []
     for n in sizes:
         reqs, dropped = ev.without_edited_neighbours(usable[:n])
@@ -125,23 +131,38 @@ def run(args) -> dict:
                      "neighbour_prompts_unknown_left_out": unknown,
                      "neighbour_prompts_scored": sum(len(r.neighborhood_prompts) for r in reqs),
                      "unedited": _scores(loaded, reqs)}
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        tracemalloc.start()
-        t = time.perf_counter()
-        art = editor.edit(loaded, reqs)
-        secs = time.perf_counter() - t
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        row["memit"] = {**_scores(loaded, reqs), "seconds": round(secs, 2),
-                        "seconds_per_edit": round(secs / len(reqs), 4),
-                        "z_seconds": round(editor.last_stats["z_seconds"], 2),
-                        "z_final_nll_mean": round(editor.last_stats["z_final_nll_mean"], 4),
-                        "residual_left": round(editor.last_stats["residual_left"], 4),
-                        "tracemalloc_peak_mb": _mb(peak)}
-        if torch.cuda.is_available():
-            row["memit"]["cuda_peak_mb"] = _mb(torch.cuda.max_memory_allocated())
-        art.revert(model)
+        row["by_precision"] = []
+        for prec in precisions:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            tracemalloc.start()
+            t = time.perf_counter()
+            with autocast(prec, device):
+                art = editor.edit(loaded, reqs)
+            secs = time.perf_counter() - t
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            stats = editor.last_stats
+            out = {"precision": prec, **_scores(loaded, reqs), "seconds": round(secs, 2),
+                   "seconds_per_edit": round(secs / len(reqs), 4), "z_seconds": round(stats["z_seconds"], 2),
+                   "z_final_nll_mean": round(stats["z_final_nll_mean"], 4),
+                   "residual_left": round(stats["residual_left"], 4), "tracemalloc_peak_mb": _mb(peak),
+                   # the process's high-water mark after this precision's run (precisions run in the order given)
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            if torch.cuda.is_available():
+                out["cuda_peak_mb"] = _mb(torch.cuda.max_memory_allocated())
+            art.revert(model)
+            # MFU of the value optimisation: its first z batch replayed (untimed) under the FLOP counter, over the
+            # seconds that batch took in the timed run
+            first = reqs[:hp.z_batch_size]
+            with autocast(prec, device):
+                _, flops = count_flops(lambda first=first: optimise_values(
+                    model, tok, family, first, loaded.adapter.block_name(layers[-1], hp.stack), hp,
+                    editor.prefixes(loaded)))
+            out["z_gflop_first_batch"] = round(flops / 1e9, 1)
+            out["mfu"] = mfu(flops, stats["z_batch_seconds"][0], rates, prec)
+            row["by_precision"].append(out)
+        row["memit"] = {k: v for k, v in row["by_precision"][0].items()}  # the first precision, as before
         row["revert_exact"] = [fingerprint(p) for p in params] == fps
         if not args.no_ft:
             before = EditArtifact.snapshot(model, names)
@@ -168,5 +189,5 @@ def run(args) -> dict:
         "covariance_corpus": hp.mom2_corpus if isinstance(hp.mom2_corpus, str) else "texts",
         "covariance_samples": hp.mom2_n_samples, "covariance_seconds": round(cov_s, 2),
         "known_facts": len(usable), "requests_source": source, "device": device,
-        "runs": runs, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "matmul_rates": rates, "runs": runs, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -249,9 +249,10 @@ class _SuffixRows:
             labels[i, a:a + m] = batch["labels"][i, :m]
         self.ids, self.mask = ids, mask
         self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
+        extra = {"logits_to_keep": 1} if _forward_accepts(model, "logits_to_keep") else {}
+        with torch.no_grad():  # only the cache is wanted: one logit column, not P × vocabulary
             out = model(input_ids=ids[:, :self.P], attention_mask=mask[:, :self.P],
-                        position_ids=self.position_ids[:, :self.P], use_cache=True)
+                        position_ids=self.position_ids[:, :self.P], use_cache=True, **extra)
         cache = getattr(out, "cache", None) or out.past_key_values
         self.kv = [(layer.keys, layer.values) for layer in cache.layers]
         targets = _next_targets(labels[:, self.P:], "decoder")
@@ -315,20 +316,21 @@ def _choose_runner(model: nn.Module, module_name: str, batch: dict[str, torch.Te
     warning). The cache itself is computed in whatever precision surrounds the call, as the steps are."""
     from lethe.precision import full_precision
 
-    full = _FullRows(batch, pos, family)
     if not (reuse and family == "decoder" and int(pos.max()) > 0):
-        return full
+        return _FullRows(batch, pos, family)
     keep_edit = kl_position == "edit_position"
     if unwrap(model) not in _PREFIX_CHECKED:
-        rows = torch.arange(len(pos), device=pos.device)
+        k = min(len(pos), 16)  # a few rows show it (and keep memory low)
+        sub = {key: v[:k] for key, v in batch.items()}
+        rows = torch.arange(k, device=pos.device)
         with full_precision(pos.device):
-            suffix = _SuffixRows(model, batch, pos, keep_edit_column=keep_edit)
-            a, b = (_row_scores(model, module_name, r, rows, None, own, kl_position) for r in (full, suffix))
+            runners = (_FullRows(sub, pos[:k], family), _SuffixRows(model, sub, pos[:k], keep_edit_column=keep_edit))
+            a, b = (_row_scores(model, module_name, r, rows, None, own[:k], kl_position) for r in runners)
         gap = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
         if gap > 1e-3 * max(1.0, float(a[2].abs().max())):
             warnings.warn(f"value optimisation: the cached-prefix forward of {type(unwrap(model)).__name__} differs "
                           f"from the full one by {gap:.2g} at δ = 0; every step runs the whole prompt", stacklevel=3)
-            return full
+            return _FullRows(batch, pos, family)
         _PREFIX_CHECKED.add(unwrap(model))
     return _SuffixRows(model, batch, pos, keep_edit_column=keep_edit)
 

@@ -64,6 +64,7 @@ from lethe.locate_edit import (
     optimise_values,
     request_rows,
 )
+from lethe.memory import release as release_memory
 from lethe.precision import full_precision_call
 from lethe.progress import Progress
 from lethe.records import EditRequest
@@ -193,11 +194,14 @@ class MEMITEditor(LocateEditor):
         before = EditArtifact.snapshot(model, [f"{names[layer]}.weight" for layer in layers])
         t0 = time.perf_counter()
 
-        zs, losses, steps = [], [], []
+        zs, losses, steps, batch_seconds = [], [], [], []
         bar = Progress(len(requests), "MEMIT targets z (requests)", enabled=self.progress)
         for s in range(0, len(requests), max(1, hp.z_batch_size)):
+            tb = time.perf_counter()
             out = optimise_values(model, tok, family, requests[s:s + hp.z_batch_size], z_module, hp, prefixes)
+            batch_seconds.append(time.perf_counter() - tb)
             zs.append(out["delta"])
+            release_memory()  # each batch's graph is gone; do not let the heap keep its high-water mark
             losses += out["loss"]
             steps += out["steps"]
             bar.update(len(out["steps"]))
@@ -210,6 +214,7 @@ class MEMITEditor(LocateEditor):
         for i, layer in enumerate(layers):
             keys, cur = keys_and_outputs(model, tok, adapter, family, requests, layer, last, hp.stack, prefixes,
                                          hp.key_batch_size, hp.position)
+            release_memory()
             if i == 0:  # z = the unedited output, read in full precision (whatever the steps ran in), + δ
                 z = cur + deltas.to(cur.device)
             resid = (z - cur).to(torch.float64) / (len(layers) - i)
@@ -225,7 +230,7 @@ class MEMITEditor(LocateEditor):
         _, final = keys_and_outputs(model, tok, adapter, family, requests, layers[0], last, hp.stack, prefixes,
                                     hp.key_batch_size, hp.position)
         self.last_stats = {
-            "layers": layers, "n_requests": len(requests), "z_seconds": t_z,
+            "layers": layers, "n_requests": len(requests), "z_seconds": t_z, "z_batch_seconds": batch_seconds,
             "seconds": time.perf_counter() - t0, "z_final_nll_mean": float(torch.tensor(losses).nanmean()),
             "z_steps_mean": sum(steps) / len(steps), "per_layer": layer_stats,
             # share of the residual z - h still missing after all layers (0 = every z reached exactly)

@@ -1,0 +1,29 @@
+"""benchmarks/hardware.py: FLOPs are counted, not guessed (a matmul counts 2·m·n·k, a training step's backward
+counts too), and MFU is FLOP/s over the measured rate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from hardware import count_flops, matmul_rate, mfu  # noqa: E402
+
+
+def test_count_flops_counts_matmuls_forward_and_backward():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    _, flops = count_flops(lambda: a @ b)
+    assert flops == 2 * 8 * 16 * 4
+    w = torch.randn(16, 4, requires_grad=True)
+    _, flops = count_flops(lambda: (a @ w).sum().backward())
+    assert flops == 2 * (2 * 8 * 16 * 4)  # forward, and the weight gradient aᵀ·g (a needs none)
+
+
+def test_mfu_is_a_share_of_the_measured_rate():
+    rate = matmul_rate(torch.float32, n=128, repeats=2)
+    assert rate > 0
+    assert mfu(rate * 1e9, 1.0, {"fp32_gflops": rate}, "32") == 1.0
+    assert mfu(1e9, 2.0, {"bf16_gflops": 1.0}, "bf16-mixed") == 0.5
