@@ -36,11 +36,24 @@ def check(precision: str | int, where: str = "--precision") -> str:
 
 
 def autocast(precision: str | int, device: torch.device | str = "cpu"):
-    """The context a read-only or optimisation pass runs in: bf16 autocast for ``bf16-mixed``, nothing else."""
+    """The context a read-only or optimisation pass runs in: bf16 autocast for ``bf16-mixed``, nothing else.
+
+    Autocast's weight cache is off: it keeps the bf16 copy of each weight made at its first use in the region,
+    so a weight an edit changes in place would be read stale by every later pass in the same region.
+    """
     device_type = torch.device(device).type
     if check(precision) == "bf16-mixed":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+def fresh_weights(device: torch.device | str = "cpu"):
+    """Inside someone else's autocast region (Lightning's ``bf16-mixed`` step), read weights afresh at every use:
+    the same autocast, with its weight cache off (see :func:`autocast`). Nothing when autocast is off."""
+    device_type = torch.device(device).type
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 def full_precision(device: torch.device | str = "cpu"):

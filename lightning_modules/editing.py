@@ -19,6 +19,7 @@ from lethe.edit_cli import build_editor
 from lethe.edits import ARTIFACT_DIR, MODEL_DIR, EditArtifact, restore_edited
 from lethe.io import write_json
 from lethe.models import LoadedModel
+from lethe.precision import fresh_weights
 from lightning_modules.base import ModelModule
 
 
@@ -105,7 +106,8 @@ class EditingModule(ModelModule):
     def test_step(self, batch, batch_idx):
         if self.skip_batch(batch_idx):
             return
-        art = self.editor.edit(self.loaded, batch)
+        with fresh_weights(self.device):  # edits change weights in place: no stale bf16 copies within the step
+            art = self.editor.edit(self.loaded, batch)
         if self.sequential:
             self.artifacts.append(art)
             self.total = art if self.total is None else EditArtifact.combine([self.total, art])

@@ -199,3 +199,30 @@ def test_bad_protocol_settings_name_the_field():
     for field, value in (("protocol", "paper"), ("stop_on", "loss"), ("kl_position", "subject")):
         with pytest.raises(ValueError, match=f"hparams.{field}"):
             ROMEEditor({field: value}, progress=False)
+
+
+def test_weights_changed_in_place_are_read_afresh_under_lethes_autocast():
+    """torch's autocast caches each weight's bf16 copy for the rest of its region: an in-place edit would be read
+    stale by every later pass. lethe's autocast and ``fresh_weights`` (inside Lightning's region) turn it off."""
+    from lethe.precision import fresh_weights
+
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+
+    def changes_after_edit() -> bool:
+        before = lin(x).detach().clone()
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        after = lin(x).detach()
+        with torch.no_grad():
+            lin.weight.sub_(1.0)
+        return not torch.allclose(before, after)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch's default: the hazard is real
+        assert not changes_after_edit()
+    with autocast("bf16-mixed"):
+        assert changes_after_edit()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Lightning's step region around an edit
+        lin(x)
+        with fresh_weights():
+            assert changes_after_edit()
