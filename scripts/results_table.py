@@ -33,6 +33,14 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _speed(by_precision: list[dict] | None) -> str:
+    """"; s/edit 32: a, bf16-mixed: b (MFU ...)" from a benchmark's per-precision rows ("" when it has none)."""
+    if not by_precision:
+        return ""
+    return "; s/edit " + ", ".join(f"{r['precision']}: {_f(r['seconds_per_edit'])} (MFU {_f(r.get('mfu'), 3)})"
+                                   for r in by_precision)
+
+
 def rows() -> list[tuple[str, str, str, str]]:
     """(benchmark, model, figures, command) per line of the table."""
     out = []
@@ -40,16 +48,19 @@ def rows() -> list[tuple[str, str, str, str]]:
         d = _load(method)
         if d:
             cmd = f"`python benchmarks/editing.py --method {method}`"
-            out.append((f"{method.upper()}, {d['n_edits']} {what}", "world decoder", _epn(d), cmd))
+            out.append((f"{method.upper()}, {d['n_edits']} {what}", "world decoder",
+                        _epn(d) + _speed(d.get("by_precision")), cmd))
             s = d.get("smollm2") or {}
             if "efficacy" in s:
-                out.append((f"{method.upper()}, {s['n_edits']} {what}", "SmolLM2-135M", _epn(s), cmd))
+                out.append((f"{method.upper()}, {s['n_edits']} {what}", "SmolLM2-135M",
+                            _epn(s) + _speed(s.get("by_precision")), cmd))
     d = _load("memit")
     if d:
         cmd = "`python benchmarks/editing.py --method memit`"
         for model, block in (("world decoder", d), ("SmolLM2-135M", d.get("smollm2") or {})):
             for run in block.get("runs", []):
-                out.append((f"MEMIT, {run['n_edits']} edits in one call", model, _epn(run["memit"]), cmd))
+                out.append((f"MEMIT, {run['n_edits']} edits in one call", model,
+                            _epn(run["memit"]) + _speed(run.get("by_precision")), cmd))
     d = _load("kn")
     if d:
         for model, m in d["models"].items():
@@ -116,6 +127,12 @@ def rows() -> list[tuple[str, str, str, str]]:
                 out.append((label,
                             model.replace("world_", "world ").replace("smollm2", "SmolLM2-135M"), figures,
                             "`python benchmarks/sequential_editing.py`"))
+    d = _load("throughput")
+    if d:
+        for r in d["runs"]:
+            out.append((f"Training step ({r['step']}, {d['batch_size']}×{d['length']} tokens): tokens/s, MFU",
+                        "SmolLM2-135M", f"{r['precision']}: {r['tokens_per_s']:.0f} tok/s, MFU {_f(r['mfu'], 3)}",
+                        "`python benchmarks/throughput.py`"))
     d = _load("world_recall")
     if d:
         for fam in ("world_decoder", "world_mlm", "world_seq2seq"):

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from hardware import count_flops, matmul_rate, mfu  # noqa: E402
+from hardware import count_flops, matmul_rate, mfu
 
 
 def test_count_flops_counts_matmuls_forward_and_backward():
