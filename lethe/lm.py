@@ -211,13 +211,17 @@ def aligned(logits: torch.Tensor, labels: torch.Tensor, family: str) -> tuple[to
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target-token log-probabilities and the mask of target positions."""
-    lg, lb = aligned(logits, labels, family)
-    mask = lb != IGNORE
+    return target_logprobs(*aligned(logits, labels, family))
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` for logits already aligned with their targets (IGNORE where a column scores none)."""
+    mask = targets != IGNORE
     # normalise at the target positions only: a full-vocabulary fp32 log-softmax over every position of a batch
     # (32 x 100 x 49k for SmolLM2: 630 MB) costs more than the scores need
-    sel = lg[mask].float()
-    picked = sel.gather(-1, lb[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sel, dim=-1)
-    tok = torch.zeros(mask.shape, dtype=picked.dtype, device=lg.device).masked_scatter(mask, picked)
+    sel = logits[mask].float()
+    picked = sel.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sel, dim=-1)
+    tok = torch.zeros(mask.shape, dtype=picked.dtype, device=logits.device).masked_scatter(mask, picked)
     return tok, mask
 
 

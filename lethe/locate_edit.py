@@ -281,11 +281,10 @@ def _row_scores(model, module_name: str, runner, sel: torch.Tensor, delta: torch
     inputs, targets, s_pos = runner.rows(sel)
     s_own = own[sel]
     s_idx = torch.arange(len(sel), device=sel.device)
-    shape = inputs["input_ids"].shape
     seen = {}
 
     def add_delta(x: torch.Tensor, _name: str) -> torch.Tensor:
-        view = x.view(*shape, x.shape[-1]) if x.dim() == 2 else x
+        view = as_btd(x, inputs)
         seen["value"] = view[s_idx, s_pos]
         if delta is None:
             return x
@@ -295,10 +294,7 @@ def _row_scores(model, module_name: str, runner, sel: torch.Tensor, delta: torch
 
     with Trace(model, module_name, retain_output=False, edit_output=add_delta):
         logits = model(**inputs).logits
-    mask = targets != lm.IGNORE
-    picked = logits[mask].float()
-    lp = picked.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
-    tok_lp = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
+    tok_lp, mask = lm.target_logprobs(logits, targets)
     row_nll = -tok_lp.sum(-1) / mask.sum(-1).clamp(min=1)
     # the edit position's logit column is s_pos in both runners (the suffix keeps its column 0 when asked)
     at = s_pos if kl_position == "edit_position" else mask.float().argmax(-1)
@@ -382,7 +378,7 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
     kl_mask = torch.tensor(is_kl, device=device)
     was_training = model.training
     model.eval()
-    attention = None
+    steps_context = contextlib.ExitStack()
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():  # only δ needs gradients: no graph through the weights
         p.requires_grad_(False)
@@ -405,8 +401,7 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
         history: list[list[float]] = []
         n_kl = torch.bincount(own[kl_mask], minlength=n).clamp(min=1).float()
         n_rw = torch.bincount(own[~kl_mask], minlength=n).clamp(min=1).float()
-        attention = _eager_attention_on_cpu(model)
-        attention.__enter__()
+        steps_context.enter_context(_eager_attention_on_cpu(model))
         for it in range(hp.v_steps):
             sel = active[own].nonzero().squeeze(-1)
             s_own, s_kl = own[sel], kl_mask[sel]
@@ -437,8 +432,7 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
     finally:
-        if attention is not None:
-            attention.__exit__(None, None, None)
+        steps_context.close()
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was_training)

@@ -74,8 +74,7 @@ def full_precision_call(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False), (torch.autocast("cuda", enabled=False)
-                                                    if torch.cuda.is_available() else contextlib.nullcontext()):
+        with full_precision("cpu"), (full_precision("cuda") if torch.cuda.is_available() else contextlib.nullcontext()):
             return fn(*args, **kwargs)
 
     return wrapper
