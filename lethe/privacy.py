@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lethe import lm
+from lethe import lm, precision
 from lethe.metrics import MembershipAUROC
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp", "reference")
@@ -233,7 +233,7 @@ def relearn(model, tokenizer, family: str, train: Sequence[Example], steps: Sequ
         chunk, order = [train[i] for i in order[:batch_size]], order[batch_size:]
         batch = lm.to_device(lm.encode_pairs(tokenizer, family, [e.prompt for e in chunk], [e.target for e in chunk],
                                              prompt_format=prompt_format), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with precision.autocast("bf16-mixed" if bf16 else "32", device):
             loss = lm.lm_loss(lm.forward_logits(attacked, batch, family), batch["labels"], family)
         loss.backward()
         opt.step()
