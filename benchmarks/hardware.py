@@ -8,7 +8,9 @@ what the same process measured the hardware can do a moment earlier, not against
 - ``count_flops(fn)``: the floating-point operations ``fn`` runs (forward and backward), counted by torch's
   ``FlopCounterMode`` (matmuls, convolutions and attention; elementwise work is not counted, as in the MFU
   convention of the PaLM paper);
-- ``mfu(flops, seconds, rate)``: achieved FLOP/s as a share of ``rate``.
+- ``mfu(flops, seconds, rate)``: achieved FLOP/s as a share of ``rate``;
+- ``PeakRSS()``: the process's peak resident memory over one phase (Linux resets the high-water mark, so a
+  later phase is not charged with an earlier one's peak; elsewhere it is the process's peak so far).
 
 ``python benchmarks/hardware.py`` prints the rates as one JSON line.
 """
@@ -65,3 +67,40 @@ def mfu(flops: float, seconds: float, rates: dict[str, float], precision: str) -
 if __name__ == "__main__":
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     print(json.dumps(matmul_rates()))
+
+
+class PeakRSS:
+    """``with PeakRSS() as peak: ...``, then ``peak.mb``: the peak resident set size (MB) during the block.
+
+    On Linux the kernel's high-water mark (``VmHWM``) is reset at the start (``/proc/self/clear_refs``, after
+    freed heap memory went back to the OS), so the figure is the phase's own. Where that is not possible it is
+    the process's peak so far (``getrusage``), and ``phase_only`` says so."""
+
+    def __enter__(self):
+        from lethe.memory import release
+
+        release()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.phase_only = True
+        except OSError:
+            self.phase_only = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mb = _hwm_mb()
+
+
+def _hwm_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+

@@ -32,6 +32,7 @@ from lethe.adapters import unwrap
 from lethe.covariance import layer_covariance, load_corpus
 from lethe.hooks import Trace
 from lethe.locate import SubjectNotFoundError, fill, subject_last_index
+from lethe.precision import cast_frozen_weights, full_precision
 from lethe.records import EditRequest
 
 __all__ = ["LocateEditHyperParams", "LocateEditor", "SubjectNotFoundError", "optimise_values"]
@@ -310,7 +311,6 @@ def _choose_runner(model: nn.Module, module_name: str, batch: dict[str, torch.Te
     """The forward each optimisation step runs: the cached-prefix one for decoders (checked against the full
     forward at δ = 0, in float32, the first time a model meets it; on a disagreement the full one, with a
     warning). The cache itself is computed in whatever precision surrounds the call, as the steps are."""
-    from lethe.precision import full_precision
 
     if not (reuse and family == "decoder" and int(pos.max()) > 0):
         return _FullRows(batch, pos, family)
@@ -386,6 +386,7 @@ def optimise_values(model: nn.Module, tok, family: str, requests: Sequence[EditR
         all_rows = torch.arange(len(rows), device=device)
         with torch.no_grad():
             runner = _choose_runner(model, module_name, batch, pos_t, own, family, hp.reuse_prefix, hp.kl_position)
+            steps_context.enter_context(cast_frozen_weights(unwrap(model)))  # weights fixed from here on
             # the unedited pass in the steps' own precision, so that the KL term is exactly 0 at δ = 0
             _, kl_init, out = _row_scores(model, module_name, runner, all_rows, None, own, hp.kl_position)
             rw = ~kl_mask

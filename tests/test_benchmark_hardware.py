@@ -27,3 +27,19 @@ def test_mfu_is_a_share_of_the_measured_rate():
     assert rate > 0
     assert mfu(rate * 1e9, 1.0, {"fp32_gflops": rate}, "32") == 1.0
     assert mfu(1e9, 2.0, {"bf16_gflops": 1.0}, "bf16-mixed") == 0.5
+
+
+def test_peak_rss_is_the_phases_own_not_an_earlier_phases():
+    from hardware import PeakRSS
+
+    with PeakRSS() as earlier:
+        big = torch.ones(100_000_000)  # 400 MB, touched
+        del big
+    with PeakRSS() as first:
+        small = torch.ones(10_000_000)  # 40 MB
+    with PeakRSS() as second:
+        more = torch.ones(50_000_000)  # 200 MB
+    del small, more
+    assert second.mb >= first.mb + 100
+    if first.phase_only:  # Linux: the 400 MB of the earlier phase are not charged to the first
+        assert first.mb < earlier.mb - 200

@@ -226,3 +226,25 @@ def test_weights_changed_in_place_are_read_afresh_under_lethes_autocast():
         lin(x)
         with fresh_weights():
             assert changes_after_edit()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_weights_cast_once_give_bit_identical_bf16_steps_and_are_restored(model_type, monkeypatch):
+    """Under bf16 autocast the value optimisation casts each frozen matrix weight once (``cast_frozen_weights``)
+    instead of at every matmul: the same bf16 values, so δ and the loss history are identical to the per-use
+    casts, and afterwards every module holds its own float32 Parameter again (tied weights still tied)."""
+    import contextlib
+
+    lm_ = loaded(model_type)
+    params = {n: p for n, p in lm_.model.named_parameters(remove_duplicate=False)}
+    reqs = requests(2)
+    with autocast("bf16-mixed"):
+        once = run(lm_, reqs)
+    monkeypatch.setattr(locate_edit, "cast_frozen_weights", lambda _m: contextlib.nullcontext())
+    with autocast("bf16-mixed"):
+        per_use = run(lm_, reqs)
+    assert float(once["delta"].norm()) > 0
+    assert torch.equal(once["delta"], per_use["delta"])
+    assert once["history"] == per_use["history"]
+    after = dict(lm_.model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in params.items())
