@@ -18,6 +18,15 @@ unedited model knows (P(true) > P(new) on the rewrite prompt):
 - throughput: attributed prompts/s (batched, shared prefix) and the step-by-step computation's
   prompts/s on 2 prompts in the same process (ratio = speed-up).
 SmolLM2 is attributed on its top ``--smollm2-layers`` layers only (CPU time); world models on all.
+
+Against the ``knowledge-neurons`` package (EleutherAI, PyPI 0.0.2; an optional benchmark dependency:
+``pip install --no-deps knowledge-neurons==0.0.2 einops``), in the same process, on one model of GPT-2-small's
+size (12 layers, width 768, random weights: speed only) with SmolLM2's tokenizer: the same ``--package-prompts``
+real-fact prompts with one-token targets, every layer, ``--steps`` steps. The package runs its ``get_scores``
+with its whole step count in one batch (its fastest setting); lethe runs ``attribute`` in float32 and under
+bf16 autocast, whose scores are compared with float32's (Pearson r, the lowest over prompts). The package
+scales the FFN's pre-activation (``mlp.c_fc``) and lethe the neuron (the output projection's input, as the
+paper defines it): the same number of units and passes. Key ``package`` in the result.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda-old", type=float, default=1.0, help="edit: v -= lambda_old E[old] (paper: 1)")
     parser.add_argument("--lambda-new", type=float, default=8.0, help="edit: v += lambda_new E[new] (paper: 8)")
     parser.add_argument("--smollm2-layers", type=int, default=4, help="top layers attributed on SmolLM2")
+    parser.add_argument("--package-prompts", type=int, default=6,
+                        help="prompts for the comparison with the knowledge-neurons package (0: skip it)")
 
 
 def _mean(xs):
@@ -159,6 +170,68 @@ def run_model(name: str, args, log) -> dict:
     }
 
 
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300))
+
+
+def package_comparison(args, log) -> dict:
+    """prompts/s of lethe's attribution and of the knowledge-neurons package on one GPT-2-small-sized model."""
+    try:
+        from knowledge_neurons import KnowledgeNeurons
+    except ImportError:
+        return {"skipped": "the knowledge-neurons package is not installed "
+                           "(pip install --no-deps knowledge-neurons==0.0.2 einops)"}
+    from tokenizers import processors
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lethe.precision import autocast
+    from lethe.smollm2 import ensure_smollm2
+    from lethe.sources import load_requests
+
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2(progress=False))
+    # no document-start token: the package encodes a target with special tokens on, and would count it
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    torch.manual_seed(args.seed)
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    n = 2 if args.quick else args.package_prompts
+    cases = [(r.rewrite_prompt, r.target_true) for r in load_requests("real_facts")]
+    cases = [(p, t) for p, t in cases if len(tok.encode(" " + t)) == 1][: n + 1]  # the first one warms both up
+    steps = args.steps
+    package = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
+
+    def run_package(prompt, target):
+        return package.get_scores(prompt, " " + target, batch_size=steps, steps=steps, pbar=False)
+
+    def run_lethe(prompt, target):
+        res = A.attribute(model, tok, "decoder", [prompt], target, steps=steps, max_rows=steps)
+        return res.scores["decoder"][0]
+
+    def timed(fn, precision="32"):
+        with autocast(precision, "cpu"):
+            fn(*cases[0])
+            t = time.perf_counter()
+            out = [fn(p, tgt) for p, tgt in cases[1:]]
+        return len(out) / (time.perf_counter() - t), out
+
+    pkg_pps, _ = timed(run_package)
+    fp32_pps, fp32_scores = timed(run_lethe)
+    bf16_pps, bf16_scores = timed(run_lethe, "bf16-mixed")
+    r = min(_pearson(a, b) for a, b in zip(fp32_scores, bf16_scores))
+    log(f"package comparison: knowledge-neurons {pkg_pps:.3f} prompts/s, lethe fp32 {fp32_pps:.3f} "
+        f"({fp32_pps / pkg_pps:.1f}x), bf16 {bf16_pps:.3f} ({bf16_pps / pkg_pps:.1f}x, r = {r:.5f})")
+    return {"model": "gpt2-small-sized (12 layers, width 768, random weights), SmolLM2 tokenizer",
+            "package": "knowledge-neurons 0.0.2 (get_scores, batch_size = steps)",
+            "prompts": len(cases) - 1, "layers": 12, "steps": steps,
+            "package_prompts_per_s": round(pkg_pps, 4),
+            "lethe_prompts_per_s": round(fp32_pps, 4), "ratio": round(fp32_pps / pkg_pps, 2),
+            "lethe_bf16_prompts_per_s": round(bf16_pps, 4), "ratio_bf16": round(bf16_pps / pkg_pps, 2),
+            "bf16_score_r_min": round(r, 6)}
+
+
 def run(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
@@ -173,4 +246,10 @@ def run(args) -> dict:
         out[name] = run_model(name, args, log)
         out[name]["seconds"] = time.perf_counter() - t
         log(f"{name}: done in {out[name]['seconds']:.0f} s")
-    return {"models": out, "seconds": time.perf_counter() - t0}
+    result = {"models": out}
+    if args.package_prompts > 0:
+        t = time.perf_counter()
+        result["package"] = package_comparison(args, log)
+        result["package"]["seconds"] = round(time.perf_counter() - t, 1)
+    result["seconds"] = time.perf_counter() - t0
+    return result

@@ -45,6 +45,7 @@ from torch import nn
 from lethe import lm
 from lethe.adapters import ArchAdapter, get_adapter, unwrap
 from lethe.hooks import TraceDict
+from lethe.precision import cast_frozen_weights
 
 DEFAULT_STEPS = 20
 DEFAULT_THRESHOLD = 0.2
@@ -203,9 +204,13 @@ def integrated_gradients(model: nn.Module, example: dict[str, torch.Tensor], fam
     ``fast`` (decoder and MLM families) skips work that every row shares: the blocks below
     the lowest attributed layer run once on one row and the batch is widened at that
     block's input (all rows are the same example, so batch-1 masks broadcast), and the LM
-    head is applied only at the target-predicting positions. Since rows before the widened
-    block are identical, the lowest site of a batch sets the cost: on a big model, one
-    site per batch (``max_rows=steps``) does the least work; on a tiny one, pack them.
+    head is applied only at the target-predicting positions. On a decoder the positions
+    before the scaled one never see the scaling (attention is causal): their keys and
+    values are computed once (:class:`lethe.lm.PrefixCache`) and every batch runs only the
+    positions from the scaled one on (one token for a one-token target). Since rows before
+    the widened block are identical, the lowest site of a batch sets the cost: on a big
+    model, one site per batch (``max_rows=steps``) does the least work; on a tiny one,
+    pack them.
     """
     if steps < 1:
         raise AttributionError(f"steps must be >= 1, got {steps}")
@@ -225,12 +230,22 @@ def integrated_gradients(model: nn.Module, example: dict[str, torch.Tensor], fam
     positions = {stack: prediction_positions(example, family, stack) for stack in {s for s, _ in sites}}
     fast = fast and family in ("decoder", "mlm")
     labels = example["labels"]
+    prefix, start_at = None, 0
     if fast:  # logits only where a target token is predicted
         tpos = (labels[0] != lm.IGNORE).nonzero().squeeze(-1)
         keep = tpos - 1 if family == "decoder" else tpos
         head_name = adapter.lm_head
         sliced_labels = labels[:, tpos]
-    with frozen(model), torch.enable_grad():
+        if family == "decoder":  # the last target token predicts nothing that is scored: it is not run
+            example = {k: v[:, :int(tpos[-1])] if k != "labels" else v for k, v in example.items()}
+        if family == "decoder" and (lm.forward_accepts(model, "past_key_values") or lm.forward_accepts(model, "cache")):
+            # the tokens before the prediction position never see the scaling: their keys and values are
+            # computed once, and every batch runs only the positions from the scaled one on
+            start_at = int(positions["decoder"][0])
+            prefix = lm.PrefixCache(model, example["input_ids"], example["attention_mask"], None, start_at)
+            positions = {"decoder": positions["decoder"] - start_at}
+            keep = keep - start_at
+    with frozen(model), cast_frozen_weights(unwrap(model)), torch.enable_grad():
         for start in range(0, len(work), max_rows):
             chunk = work[start:start + max_rows]
             rows = len(chunk)
@@ -268,7 +283,15 @@ def integrated_gradients(model: nn.Module, example: dict[str, torch.Tensor], fam
             hooked = list(names) + ([widen, head_name] if fast else [])
             batch = example if fast else {k: v.repeat(rows, 1) for k, v in example.items()}
             with TraceDict(model, hooked, retain_output=False, edit_input=edit):
-                logits = lm.forward_logits(model, batch, family)
+                if prefix is not None:  # rows are widened at block `lowest`: so is its cache and every later one
+                    low = lowest[1]
+                    cache = prefix.build(lambda i, t, low=low, rows=rows: t.expand(rows, *t.shape[1:]) if i >= low else t)
+                    length = example["input_ids"].shape[1]
+                    logits = model(input_ids=example["input_ids"][:, start_at:], attention_mask=example["attention_mask"],
+                                   position_ids=torch.arange(start_at, length, device=device)[None],
+                                   use_cache=True, **{prefix.arg: cache}).logits
+                else:
+                    logits = lm.forward_logits(model, batch, family)
             if fast:
                 if logits.shape[:2] != (rows, len(keep)):
                     raise AttributionError(f"fast attribution got logits of shape {tuple(logits.shape)}; this "

@@ -229,6 +229,49 @@ def forward_logits(model, batch: dict[str, torch.Tensor], family: str) -> torch.
     return model(**model_inputs(batch, family)).logits
 
 
+def forward_accepts(model, name: str) -> bool:
+    """Whether the (unwrapped) model's forward takes the keyword ``name``."""
+    import inspect
+
+    from lethe.adapters import unwrap
+
+    return name in inspect.signature(unwrap(model).forward).parameters
+
+
+class PrefixCache:
+    """A decoder's keys and values at every layer for the first ``P`` positions of a batch, computed once.
+
+    When a computation changes a decoder only from position ``P`` on (δ added at an edit position, an FFN
+    activation scaled at the prediction position), the tokens before ``P`` never see it: attention is causal.
+    Their keys and values are computed here once, and each later forward runs only the tokens from ``P`` on.
+    A forward appends to the cache it is given, so :meth:`build` makes a fresh one each time;
+    ``select(layer, tensor)`` picks or widens each layer's rows (several rows of a batch, or one row repeated).
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None, P: int) -> None:
+        from transformers import DynamicCache
+
+        from lethe.adapters import unwrap
+
+        self._cache_class, self.config = DynamicCache, unwrap(model).config
+        self.arg = "cache" if forward_accepts(model, "cache") else "past_key_values"
+        self.head_slice = forward_accepts(model, "logits_to_keep")
+        extra = {"logits_to_keep": 1} if self.head_slice else {}  # only the cache is wanted, not P × vocabulary
+        if position_ids is not None:
+            extra["position_ids"] = position_ids[:, :P]
+        with torch.no_grad():
+            out = model(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P], use_cache=True, **extra)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def build(self, select=None):
+        """A fresh cache object holding ``select(layer, t)`` of each layer's keys and values (all rows: None)."""
+        select = select or (lambda _layer, t: t)
+        return self._cache_class([(select(i, k), select(i, v)) for i, (k, v) in enumerate(self.kv)],
+                                 config=self.config)
+
+
 def sequence_nll(model, batch: dict[str, torch.Tensor], family: str, reduction: str = "mean") -> torch.Tensor:
     """Per-example NLL of the target tokens: summed ("sum") or averaged over tokens ("mean")."""
     tok, mask = token_logprobs(forward_logits(model, batch, family), batch["labels"], family)

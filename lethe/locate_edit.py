@@ -17,7 +17,6 @@ consistency fix that the reference code lacked).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 import warnings
 import weakref
@@ -203,10 +202,6 @@ def _next_targets(labels: torch.Tensor, family: str) -> torch.Tensor:
     return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], lm.IGNORE)], 1)
 
 
-def _forward_accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(unwrap(model).forward).parameters
-
-
 class _FullRows:
     """Every step runs the whole prompt of each active row (the general path: any family)."""
 
@@ -229,11 +224,6 @@ class _SuffixRows:
 
     def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], pos: torch.Tensor,
                  keep_edit_column: bool = False) -> None:
-        from transformers import DynamicCache
-
-        self._cache_class = DynamicCache
-        self.config = unwrap(model).config
-        self.cache_arg = "cache" if _forward_accepts(model, "cache") else "past_key_values"
         lengths = batch["attention_mask"].sum(-1)
         self.P = int(pos.max())
         shift = self.P - pos
@@ -250,15 +240,10 @@ class _SuffixRows:
             labels[i, a:a + m] = batch["labels"][i, :m]
         self.ids, self.mask = ids, mask
         self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": 1} if _forward_accepts(model, "logits_to_keep") else {}
-        with torch.no_grad():  # only the cache is wanted: one logit column, not P × vocabulary
-            out = model(input_ids=ids[:, :self.P], attention_mask=mask[:, :self.P],
-                        position_ids=self.position_ids[:, :self.P], use_cache=True, **extra)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prefix = lm.PrefixCache(model, ids, mask, self.position_ids, self.P)
         targets = _next_targets(labels[:, self.P:], "decoder")
         self.keep = None
-        if _forward_accepts(model, "logits_to_keep"):
+        if self.prefix.head_slice:
             wanted = (targets != lm.IGNORE).any(0)
             wanted[0] |= keep_edit_column  # the edit position's own prediction (kl_position: edit_position)
             self.keep = wanted.nonzero().squeeze(-1)
@@ -266,9 +251,9 @@ class _SuffixRows:
         self.targets = targets
 
     def rows(self, sel: torch.Tensor):
-        cache = self._cache_class([(k[sel], v[sel]) for k, v in self.kv], config=self.config)
         inputs = {"input_ids": self.ids[sel, self.P:], "attention_mask": self.mask[sel],
-                  "position_ids": self.position_ids[sel, self.P:], self.cache_arg: cache, "use_cache": True}
+                  "position_ids": self.position_ids[sel, self.P:], "use_cache": True,
+                  self.prefix.arg: self.prefix.build(lambda _layer, t: t[sel])}
         if self.keep is not None:
             inputs["logits_to_keep"] = self.keep
         return inputs, self.targets[sel], torch.zeros_like(sel)

@@ -54,18 +54,26 @@ def test_completeness_within_riemann_error(model_type, stack):
     assert errors[2] < 0.05 * delta
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt", "bert", "t5", "bart"])
-def test_batched_equals_step_by_step(model_type):
-    """One batch of m steps (several layers packed, shared prefix, sliced head) == m sequential passes."""
+@pytest.mark.parametrize("model_type,target_tokens", [
+    ("gpt2", 1), ("gpt2", 3), ("llama", 1), ("llama", 2), ("opt", 1), ("gpt_neox", 2), ("gptj", 1),
+    ("mistral", 2), ("qwen2", 1), ("bert", 1), ("t5", 1), ("bart", 1)])
+def test_batched_equals_step_by_step(model_type, target_tokens, monkeypatch):
+    """One batch of m steps (several layers packed, shared prefix, sliced head; on decoders the positions before
+    the scaled one computed once, from the KV cache) == m sequential passes, for one- and multi-token targets."""
     model = tiny_model(model_type).double()
     ex, fam = _example(model, seed=1), get_adapter(model).family
+    if target_tokens > 1:  # teacher-forced later target tokens see the scaled position through attention
+        ex["labels"][0, 6 - target_tokens:] = ex["input_ids"][0, 6 - target_tokens:]
+    made = []
+    monkeypatch.setattr(lm, "PrefixCache", lambda *a, cls=lm.PrefixCache: made.append(1) or cls(*a))
     sites = A.resolve_sites(model)
     seq = A.integrated_gradients(model, ex, fam, sites, steps=6, max_rows=1, fast=False)
     for max_rows in (6, 9, None):
         bat = A.integrated_gradients(model, ex, fam, sites, steps=6, max_rows=max_rows)
         for site in sites:
-            torch.testing.assert_close(bat.scores[site], seq.scores[site], rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(bat.scores[site], seq.scores[site], rtol=1e-9, atol=1e-13)
         assert bat.prob == pytest.approx(seq.prob, rel=1e-12)
+    assert bool(made) == (fam == "decoder")  # the cached path ran on every decoder
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert", "t5"])
