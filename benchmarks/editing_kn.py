@@ -217,10 +217,16 @@ def package_comparison(args, log) -> dict:
             out = [fn(p, tgt) for p, tgt in cases[1:]]
         return len(out) / (time.perf_counter() - t), out
 
+    from hardware import count_flops, matmul_rates, mfu
+
+    rates = matmul_rates("cpu")
     pkg_pps, _ = timed(run_package)
     fp32_pps, fp32_scores = timed(run_lethe)
     bf16_pps, bf16_scores = timed(run_lethe, "bf16-mixed")
     r = min(_pearson(a, b) for a, b in zip(fp32_scores, bf16_scores))
+    _, flops = count_flops(lambda: [run_lethe(p, tgt) for p, tgt in cases[1:]])
+    _, pkg_flops = count_flops(lambda: run_package(*cases[1]))
+    per_prompt = flops / (len(cases) - 1)
     log(f"package comparison: knowledge-neurons {pkg_pps:.3f} prompts/s, lethe fp32 {fp32_pps:.3f} "
         f"({fp32_pps / pkg_pps:.1f}x), bf16 {bf16_pps:.3f} ({bf16_pps / pkg_pps:.1f}x, r = {r:.5f})")
     return {"model": "gpt2-small-sized (12 layers, width 768, random weights), SmolLM2 tokenizer",
@@ -229,7 +235,11 @@ def package_comparison(args, log) -> dict:
             "package_prompts_per_s": round(pkg_pps, 4),
             "lethe_prompts_per_s": round(fp32_pps, 4), "ratio": round(fp32_pps / pkg_pps, 2),
             "lethe_bf16_prompts_per_s": round(bf16_pps, 4), "ratio_bf16": round(bf16_pps / pkg_pps, 2),
-            "bf16_score_r_min": round(r, 6)}
+            "bf16_score_r_min": round(r, 6),
+            "lethe_gflop_per_prompt": round(per_prompt / 1e9, 2), "package_gflop_per_prompt": round(pkg_flops / 1e9, 2),
+            "mfu": mfu(per_prompt * fp32_pps, 1.0, rates, "32"),
+            "mfu_bf16": mfu(per_prompt * bf16_pps, 1.0, rates, "bf16-mixed"),
+            "package_mfu": mfu(pkg_flops * pkg_pps, 1.0, rates, "32"), "matmul_rates": rates}
 
 
 def run(args) -> dict:
