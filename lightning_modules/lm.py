@@ -49,12 +49,7 @@ class LanguageModelModule(ModelModule):
         self.model.train()
 
     def _step(self, batch):
-        logits = self(batch)
-        loss = lm.lm_loss(logits, batch["labels"], self.family)
-        lg, lb = lm.aligned(logits, batch["labels"], self.family)
-        mask = lb != lm.IGNORE
-        acc = ((lg.argmax(-1) == lb) & mask).sum() / mask.sum().clamp(min=1)
-        return loss, acc
+        return lm.lm_loss(self(batch), batch["labels"], self.family, with_accuracy=True)
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._step(batch)
@@ -73,8 +68,7 @@ class LanguageModelModule(ModelModule):
         self.log("test/token_acc", acc, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
+        opt = self.adamw([p for p in self.parameters() if p.requires_grad], self.hparams.lr, self.hparams.weight_decay)
         if not self.hparams.warmup_steps and not self.hparams.decay:
             return opt
         warm = max(1, self.hparams.warmup_steps)

@@ -208,4 +208,4 @@ class UnlearningModule(ModelModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.adamw(params, self.hparams.lr, self.hparams.weight_decay)

@@ -214,3 +214,29 @@ def test_el_prefix_conventions_code_and_paper_on_the_token_plus_one_model():
     assert metric.compute().item() == pytest.approx(paper, abs=1e-6)
     with pytest.raises(ValueError, match="convention 'jang'"):
         ExtractionLikelihood(2, convention="jang")
+
+
+@pytest.mark.parametrize("family", ["decoder", "mlm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_loss_equals_cross_entropy_in_value_gradient_and_accuracy(family, dtype):
+    """lm_loss's chunked cross-entropy (no full float32 copy) == F.cross_entropy on float32 logits: value,
+    gradient (chunk boundaries inside the batch, ignored targets) and the teacher-forced top-1 accuracy."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 50, generator=g)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :3] = lm.IGNORE
+    labels[2, 5:] = lm.IGNORE
+    labels[1, 2] = int(logits[1, 1 if family == "decoder" else 2].argmax())  # at least one correct prediction
+    loss, acc = lm.lm_loss(logits, labels, family, with_accuracy=True, chunk=4)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref_in = logits.detach().float().requires_grad_(True)
+    lg, lb = lm.aligned(ref_in, labels, family)
+    ref = torch.nn.functional.cross_entropy(lg.reshape(-1, 50), lb.reshape(-1), ignore_index=lm.IGNORE)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in)
+    mask = lb != lm.IGNORE
+    ref_acc = ((lg.argmax(-1) == lb) & mask).sum() / mask.sum()
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=tol, atol=tol * float(ref_grad.abs().max()))
+    assert float(acc) == pytest.approx(float(ref_acc)) and float(acc) > 0
