@@ -23,7 +23,8 @@ Against the ``knowledge-neurons`` package (EleutherAI, PyPI 0.0.2; an optional b
 ``pip install --no-deps knowledge-neurons==0.0.2 einops``), in the same process, on one model of GPT-2-small's
 size (12 layers, width 768, random weights: speed only) with SmolLM2's tokenizer: the same ``--package-prompts``
 real-fact prompts with one-token targets, every layer, ``--steps`` steps. The package runs its ``get_scores``
-with its whole step count in one batch (its fastest setting); lethe runs ``attribute`` in float32 and under
+with its whole step count in one batch (its fastest setting); lethe runs ``attribute`` with its default
+batching (up to 256 rows: here every layer's steps in one batch) in float32 and under
 bf16 autocast, whose scores are compared with float32's (Pearson r, the lowest over prompts). The package
 scales the FFN's pre-activation (``mlp.c_fc``) and lethe the neuron (the output projection's input, as the
 paper defines it): the same number of units and passes. Key ``package`` in the result.
@@ -207,7 +208,7 @@ def package_comparison(args, log) -> dict:
         return package.get_scores(prompt, " " + target, batch_size=steps, steps=steps, pbar=False)
 
     def run_lethe(prompt, target):
-        res = A.attribute(model, tok, "decoder", [prompt], target, steps=steps, max_rows=steps)
+        res = A.attribute(model, tok, "decoder", [prompt], target, steps=steps)  # lethe's default batching
         return res.scores["decoder"][0]
 
     def timed(fn, precision="32"):

@@ -208,9 +208,9 @@ def integrated_gradients(model: nn.Module, example: dict[str, torch.Tensor], fam
     before the scaled one never see the scaling (attention is causal): their keys and
     values are computed once (:class:`lethe.lm.PrefixCache`) and every batch runs only the
     positions from the scaled one on (one token for a one-token target). Since rows before
-    the widened block are identical, the lowest site of a batch sets the cost: on a big
-    model, one site per batch (``max_rows=steps``) does the least work; on a tiny one,
-    pack them.
+    the widened block are identical, the lowest site of a batch sets the cost; packing
+    sites still pays where rows are short (decoders, with the cached prefix: 4 sites or more
+    per batch ran 1.5x faster than one on a GPT-2-small-sized model) or the model is tiny.
     """
     if steps < 1:
         raise AttributionError(f"steps must be >= 1, got {steps}")

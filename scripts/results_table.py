@@ -69,6 +69,12 @@ def rows() -> list[tuple[str, str, str, str]]:
                 out.append(("Knowledge Neurons: P(true) drop, refined vs random neurons", model.replace("lethe:", ""),
                             f"{_f(sup['refined_drop'])} vs {_f(sup['random_drop'])}",
                             "`python benchmarks/editing.py --method kn`"))
+        pkg = d.get("package") or {}
+        if "ratio" in pkg:
+            label = "Knowledge Neurons IG: prompts/s against the knowledge-neurons package (same model, prompts, steps)"
+            figures = (f"fp32 {pkg['ratio']}x (MFU {_f(pkg['mfu'], 3)}), bf16-mixed {pkg['ratio_bf16']}x "
+                       f"(score r {pkg['bf16_score_r_min']:.4f}); package MFU {_f(pkg['package_mfu'], 3)}")
+            out.append((label, "GPT-2-small-sized", figures, "`python benchmarks/editing.py --method kn`"))
     d = _load("unlearning")
     if d:
         for name, m in d["methods"].items():
