@@ -73,7 +73,7 @@ def rows() -> list[tuple[str, str, str, str]]:
         if "ratio" in pkg:
             label = "Knowledge Neurons IG: prompts/s against the knowledge-neurons package (same model, prompts, steps)"
             figures = (f"fp32 {pkg['ratio']}x (MFU {_f(pkg['mfu'], 3)}), bf16-mixed {pkg['ratio_bf16']}x "
-                       f"(score r {pkg['bf16_score_r_min']:.4f}); package MFU {_f(pkg['package_mfu'], 3)}")
+                       f"(score r {pkg['bf16_score_r_min']:.5f}); package MFU {_f(pkg['package_mfu'], 3)}")
             out.append((label, "GPT-2-small-sized", figures, "`python benchmarks/editing.py --method kn`"))
     d = _load("unlearning")
     if d:
