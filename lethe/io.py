@@ -19,6 +19,7 @@ from pathlib import Path
 # lethe's bundled data files (one name for each, used by every module that reads them)
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REAL_FACTS = DATA_DIR / "real_facts.json"  # CounterFact-format real-world facts SmolLM2 knows
+FACT_BANK = DATA_DIR / "fact_bank.json"  # the larger bank (725 facts SmolLM2 knows), split by subject
 REFUSALS = DATA_DIR / "refusals.txt"  # IdkDPO's "I don't know"-style answers, one per line
 MEMORISED_PASSAGES = DATA_DIR / "memorised_passages.json"  # texts SmolLM2 memorised vs unseen texts
 

@@ -1,5 +1,7 @@
 """Where edit requests come from, named one way for every command: ``world[:split]`` (lethe's synthetic
-world, CounterFact or zsRE form), ``real_facts`` (the bundled facts SmolLM2 knows) or a records file; and the
+world, CounterFact or zsRE form), ``real_facts`` (the bundled facts SmolLM2 knows), ``fact_bank[:split]`` (the
+larger bank of real facts SmolLM2 knows, for long edit streams and hypernetwork training: ``train``,
+``validation`` or ``heldout``, split by subject; ``scripts/score_real_facts.py --bank``) or a records file; and the
 built-in forget / retain / unseen text sets of unlearning (``builtin_sets``: the world's facts, memorised
 passages)."""
 
@@ -9,13 +11,14 @@ import json
 import random
 from pathlib import Path
 
-from lethe.io import MEMORISED_PASSAGES, REAL_FACTS
+from lethe.io import FACT_BANK, MEMORISED_PASSAGES, REAL_FACTS
 from lethe.records import EditRequest, read_records
 
 
 def load_requests(source: str, kind: str = "counterfact", limit: int | None = None, offset: int = 0,
                   seed: int | None = None) -> list[EditRequest]:
-    """Requests from a file, the world (``world[:split]``) or ``real_facts``; optionally shuffled, then cut."""
+    """Requests from a file, the world (``world[:split]``), ``real_facts`` or ``fact_bank[:split]``; optionally
+    shuffled, then cut."""
     if source == "world" or source.startswith("world:"):
         from lethe.world import load_world
 
@@ -24,10 +27,16 @@ def load_requests(source: str, kind: str = "counterfact", limit: int | None = No
         reqs = world.to_zsre(split) if kind == "zsre" else world.to_counterfact(split)
     elif source == "real_facts":
         reqs = read_records(REAL_FACTS, "counterfact")
+    elif source == "fact_bank" or source.startswith("fact_bank:"):
+        split = source.split(":", 1)[1] if ":" in source else None
+        splits = [r["split"] for r in json.loads(FACT_BANK.read_text())]
+        if split is not None and split not in set(splits):
+            raise ValueError(f"edit requests: {source}: the fact bank's splits are {', '.join(sorted(set(splits)))}")
+        reqs = [r for r, s in zip(read_records(FACT_BANK, "counterfact"), splits) if split in (None, s)]
     else:
         if not Path(source).exists():
             raise FileNotFoundError(f"edit requests: {source} does not exist (a file of {kind} records, "
-                                    "'world[:split]' or 'real_facts')")
+                                    "'world[:split]', 'real_facts' or 'fact_bank[:split]')")
         reqs = read_records(source, kind)
     if seed is not None:
         import random

@@ -186,12 +186,21 @@ RELATIONS: dict[str, dict] = {
 }
 
 
-def build_candidates(seed: int = SEED) -> list[dict]:
+def split_of(subject: str, shares: tuple[float, float] = (0.7, 0.15)) -> str:
+    """``train`` / ``validation`` / ``heldout`` by a stable hash of the subject, so one subject's facts (every
+    relation) fall in one split: held-out edits share no subject with training."""
+    import hashlib
+
+    u = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 16**8
+    return "train" if u < shares[0] else "validation" if u < shares[0] + shares[1] else "heldout"
+
+
+def build_candidates(seed: int = SEED, relations: dict[str, dict] | None = None) -> list[dict]:
     """Every (relation, subject) as a CounterFact-form record; deterministic given the seed."""
     rng = random.Random(seed)
     records: list[dict] = []
     case_id = 0
-    for rel, spec in RELATIONS.items():
+    for rel, spec in (relations or RELATIONS).items():
         facts = spec["facts"]
         objects = sorted({o for _, o in facts})
         for subject, true in facts:
@@ -260,8 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DATA / "real_facts.json")
     ap.add_argument("--summary", type=Path, default=DATA / "real_facts_summary.json")
     ap.add_argument("--keep-all", action="store_true", help="also keep records the model gets wrong")
+    ap.add_argument("--bank", action="store_true",
+                    help="the larger fact bank (scripts/fact_bank.py) -> lethe/data/fact_bank.json, with a "
+                         "train / validation / heldout split by subject")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
+    relations = RELATIONS
+    if args.bank:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from fact_bank import bank
+
+        relations = bank(RELATIONS)
+        if args.out == DATA / "real_facts.json":
+            args.out, args.summary = DATA / "fact_bank.json", DATA / "fact_bank_summary.json"
 
     sys.path.insert(0, str(ROOT))
     import torch
@@ -271,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model, tok = load_smollm2(args.cache_dir)
-    cands = build_candidates()
+    cands = build_candidates(relations=relations)
+    if args.bank:
+        for rec in cands:
+            rec["split"] = split_of(rec["requested_rewrite"]["subject"])
     t0 = time.perf_counter()
     for i, rec in enumerate(cands):
         rec["smollm2_pre"] = score_record(model, tok, rec)
@@ -289,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return round(sum(xs) / len(xs), 4) if xs else None
 
     per_rel = {}
-    for rel in RELATIONS:
+    for rel in relations:
         rc = [r for r in cands if r["requested_rewrite"]["relation_id"] == rel]
         per_rel[rel] = {
             "candidates": len(rc),

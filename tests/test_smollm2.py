@@ -7,16 +7,17 @@ import json
 
 import pytest
 
-from lethe.io import REAL_FACTS
+from lethe.io import FACT_BANK, REAL_FACTS
 
 
-def _records():
-    return json.loads(REAL_FACTS.read_text())
+def _records(path=REAL_FACTS):
+    return json.loads(path.read_text())
 
 
-def test_real_facts_are_valid_counterfact_records():
-    recs = _records()
-    assert len(recs) >= 100
+@pytest.mark.parametrize("path,least", [(REAL_FACTS, 100), (FACT_BANK, 500)])
+def test_real_facts_are_valid_counterfact_records(path, least):
+    recs = _records(path)
+    assert len(recs) >= least
     assert len({r["case_id"] for r in recs}) == len(recs)
     for r in recs:
         rw = r["requested_rewrite"]
@@ -36,6 +37,21 @@ def test_real_facts_are_valid_counterfact_records():
         assert r["generation_prompts"], where
         pre = r["smollm2_pre"]
         assert pre["p_true"] > pre["p_new"], where
+
+
+def test_fact_bank_splits_share_no_subject_and_load_by_name():
+    from lethe.sources import load_requests
+
+    by_split = {s: load_requests(f"fact_bank:{s}") for s in ("train", "validation", "heldout")}
+    assert len(by_split["heldout"]) >= 50 and len(by_split["validation"]) >= 50
+    subjects = {s: {r.subject for r in reqs} for s, reqs in by_split.items()}
+    assert not (subjects["train"] & subjects["heldout"]) and not (subjects["train"] & subjects["validation"])
+    assert not (subjects["validation"] & subjects["heldout"])
+    assert sum(map(len, by_split.values())) == len(load_requests("fact_bank"))
+    keys = [(r.subject, r.relation) for r in load_requests("fact_bank")]
+    assert len(keys) == len(set(keys))  # one fact per subject and relation: a stream has no conflicts
+    with pytest.raises(ValueError, match="splits are heldout, train, validation"):
+        load_requests("fact_bank:test")
 
 
 def test_smollm2_missing_package_message(monkeypatch):
