@@ -238,7 +238,7 @@ def integrated_gradients(model: nn.Module, example: dict[str, torch.Tensor], fam
         sliced_labels = labels[:, tpos]
         if family == "decoder":  # the last target token predicts nothing that is scored: it is not run
             example = {k: v[:, :int(tpos[-1])] if k != "labels" else v for k, v in example.items()}
-        if family == "decoder" and (lm.forward_accepts(model, "past_key_values") or lm.forward_accepts(model, "cache")):
+        if family == "decoder" and lm.PrefixCache.argument(model):
             # the tokens before the prediction position never see the scaling: their keys and values are
             # computed once, and every batch runs only the positions from the scaled one on
             start_at = int(positions["decoder"][0])

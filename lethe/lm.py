@@ -254,7 +254,7 @@ class PrefixCache:
         from lethe.adapters import unwrap
 
         self._cache_class, self.config = DynamicCache, unwrap(model).config
-        self.arg = "cache" if forward_accepts(model, "cache") else "past_key_values"
+        self.arg = self.argument(model)
         self.head_slice = forward_accepts(model, "logits_to_keep")
         extra = {"logits_to_keep": 1} if self.head_slice else {}  # only the cache is wanted, not P × vocabulary
         if position_ids is not None:
@@ -263,6 +263,14 @@ class PrefixCache:
             out = model(input_ids=input_ids[:, :P], attention_mask=attention_mask[:, :P], use_cache=True, **extra)
         cache = getattr(out, "cache", None) or out.past_key_values
         self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+    @staticmethod
+    def argument(model) -> str | None:
+        """The keyword the model's forward takes a cache by (None: it takes none)."""
+        for name in ("cache", "past_key_values"):
+            if forward_accepts(model, name):
+                return name
+        return None
 
     def build(self, select=None):
         """A fresh cache object holding ``select(layer, t)`` of each layer's keys and values (all rows: None)."""
