@@ -333,9 +333,12 @@ class _TokenCrossEntropy(torch.autograd.Function):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str, with_accuracy: bool = False,
-            chunk: int = 512):
+            chunk: int = 64):
     """Mean token cross-entropy over all target tokens in the batch (float32); with ``with_accuracy`` also the
-    share of target tokens that are the top prediction (teacher-forced token accuracy), from the same pass."""
+    share of target tokens that are the top prediction (teacher-forced token accuracy), from the same pass.
+    ``chunk`` rows at a time: 64 rows of a 49k vocabulary make a 12.6 MB float32 buffer that the C heap reuses
+    (above ~32 MB glibc maps fresh pages for every chunk; 512 rows ran the SmolLM2 loss in 0.50-0.58 s, 64 in
+    0.26-0.31 s)."""
     if family == "decoder":  # predict the next token: shift the labels, not the (large) logits
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)
     loss, acc = _TokenCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), chunk)
