@@ -208,6 +208,13 @@ def aligned(logits: torch.Tensor, labels: torch.Tensor, family: str) -> tuple[to
     return logits, labels
 
 
+def column_targets(labels: torch.Tensor, family: str) -> torch.Tensor:
+    """Per logit column, the label it is scored on (IGNORE where none): decoders predict the next token."""
+    if family != "decoder":
+        return labels
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target-token log-probabilities and the mask of target positions."""
     return target_logprobs(*aligned(logits, labels, family))
@@ -339,8 +346,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str, with_accura
     ``chunk`` rows at a time: 64 rows of a 49k vocabulary make a 12.6 MB float32 buffer that the C heap reuses
     (above ~32 MB glibc maps fresh pages for every chunk; 512 rows ran the SmolLM2 loss in 0.50-0.58 s, 64 in
     0.26-0.31 s)."""
-    if family == "decoder":  # predict the next token: shift the labels, not the (large) logits
-        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)
+    labels = column_targets(labels, family)  # decoders: shift the labels, not the (large) logits
     loss, acc = _TokenCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), chunk)
     return (loss, acc) if with_accuracy else loss
 

@@ -195,19 +195,12 @@ def group_mean(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------- the value optimisation
-def _next_targets(labels: torch.Tensor, family: str) -> torch.Tensor:
-    """Per logit column, the label it is scored on (IGNORE where none): decoders predict the next token."""
-    if family != "decoder":
-        return labels
-    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], lm.IGNORE)], 1)
-
-
 class _FullRows:
     """Every step runs the whole prompt of each active row (the general path: any family)."""
 
     def __init__(self, batch: dict[str, torch.Tensor], pos: torch.Tensor, family: str) -> None:
         self.batch, self.pos, self.family = batch, pos, family
-        self.targets = _next_targets(batch["labels"], family)
+        self.targets = lm.column_targets(batch["labels"], family)
 
     def rows(self, sel: torch.Tensor):
         """Rows ``sel``: model inputs, the label each logit column is scored on, and each row's edit position."""
@@ -241,7 +234,7 @@ class _SuffixRows:
         self.ids, self.mask = ids, mask
         self.position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         self.prefix = lm.PrefixCache(model, ids, mask, self.position_ids, self.P)
-        targets = _next_targets(labels[:, self.P:], "decoder")
+        targets = lm.column_targets(labels[:, self.P:], "decoder")
         self.keep = None
         if self.prefix.head_slice:
             wanted = (targets != lm.IGNORE).any(0)
