@@ -4,11 +4,15 @@
 
     python benchmarks/editing.py --method mend                                # world decoder
     python benchmarks/editing.py --method mend --model lethe:world-mlm --steps 300
-    python benchmarks/editing.py --method mend --model lethe:smollm2 --n 30 --steps 60
+    python benchmarks/editing.py --method mend --model lethe:smollm2 --preset configs/edit/mend_smollm2.yaml
+    python benchmarks/editing.py --method mend --model lethe:smollm2 --from-run runs/mend_smollm2
 
-Requests: the world's CounterFact cases (``world:train``) for world models, ``real_facts`` otherwise,
-split by ``datamodules.edit_training.split_requests`` (held-out / validation / training; held-out
-subjects are also removed from training locality prompts). Of the held-out cases, those the unedited
+Requests: the world's CounterFact cases (``world:train``) for world models, split by
+``datamodules.edit_training.split_requests`` (held-out / validation / training; held-out subjects are also
+removed from training locality prompts). SmolLM2 is trained the way a user trains it: ``lethe fit`` with the
+shipped preset (``configs/edit/<method>_smollm2.yaml``: the fact bank's training subjects, validation every
+100 steps, the editor chosen by validation), in a subprocess; ``--from-run`` reuses a finished run instead.
+Its held-out edits are the preset's ``heldout_source`` (``fact_bank:heldout``: subjects never trained on). Of the held-out cases, those the unedited
 model gets right are edited (an edit of an unknown fact measures nothing), and of their neighbourhood
 prompts only those the unedited model gets right are scored (``evaluation.known_neighbours_only``); the
 JSON says how many of each were left out.
@@ -29,9 +33,11 @@ from lethe import evaluation as ev
 from lethe.edits import EditArtifact
 
 METHOD = "mend"
-# The SmolLM2 run beside the embedded decoder (benchmarks/editing.py): real facts, 30 held out, the editor
-# trained on the rest (~120 facts) for 100 steps (CPU minutes; the issue allows 30 minutes).
-SMOLLM2_ARGS = {"n": 30, "steps": 100, "layers": None, "stack": None, "lr": None, "out": None}
+# The SmolLM2 run beside the embedded decoder (benchmarks/editing.py): the shipped preset, trained by `lethe fit`,
+# then every held-out fact of the bank edited
+SMOLLM2_ARGS = {"n": 100, "preset": "configs/edit/{method}_smollm2.yaml", "layers": None, "stack": None, "lr": None,
+                "out": None}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ft-eps", type=float, default=5e-2)
     parser.add_argument("--no-ft", action="store_true")
     parser.add_argument("--out", default=None, help="where the editor checkpoint goes (default: a temp dir)")
+    parser.add_argument("--preset", default=None,
+                        help="train with `lethe fit --config PRESET` ({method} is replaced) instead of in-process")
+    parser.add_argument("--from-run", default=None,
+                        help="a finished `lethe fit` run folder of the preset: evaluate its exported editor")
 
 
 def module_for(method: str, args, model: str):
@@ -117,9 +127,83 @@ def train_editor(method: str, args):
     return module, data, ckpt, train_s, trainer
 
 
+def fit_preset(method: str, args) -> tuple[Path, float | None]:
+    """Train with ``lethe fit --config <preset>`` in a subprocess (or reuse ``--from-run``): (run folder, seconds)."""
+    import os
+    import subprocess
+    import sys
+
+    if args.from_run:
+        return Path(args.from_run), None
+    preset = ROOT / args.preset.format(method=method)
+    root = Path(args.out or tempfile.mkdtemp(prefix=f"lethe_{method}_"))
+    cmd = [sys.executable, "-m", "lethe.cli", "fit", "--config", str(preset), "--run.root", str(root),
+           "--run.logger", "csv"]
+    if args.quick:
+        cmd += ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.init_args.val_size", "4"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return root / f"{method}_smollm2", time.perf_counter() - t0
+
+
+def validation_curve(run: Path) -> list[dict]:
+    """The run's validation rows (metrics.csv): step and every ``val/`` value."""
+    import csv
+
+    rows = []
+    with open(run / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/selection"):
+                rows.append({"step": int(row["step"]), **{k: round(float(v), 4) for k, v in row.items()
+                                                          if k.startswith("val/") and v}})
+    return rows
+
+
+def run_preset(method: str, args) -> dict:
+    """SmolLM2 as a user runs it: ``lethe fit`` with the preset, the exported editor on held-out facts."""
+    import json
+
+    import yaml
+
+    from datamodules.edit_training import EditTrainingDataModule
+    from editing_rome import _summary, single_edits
+    from lethe.models import load_model
+
+    run, fit_s = fit_preset(method, args)
+    preset = yaml.safe_load((run / "config.yaml").read_text())
+    data = EditTrainingDataModule(**{k: v for k, v in preset["data"]["init_args"].items()})
+    data.setup()
+    info = json.loads((run / "editor" / "editor.json").read_text())
+    training = info["lethe_editor"].get("training", {})
+    loaded = load_model(preset["model"]["init_args"]["model"])
+    model, tok, family = loaded.model, loaded.tokenizer, loaded.family
+    held = data.heldout
+    known = ev.counterfact_scores(model, tok, family, held)["efficacy_per_case"]
+    reqs = [r for r, e in zip(held, known) if e == 0.0][:10 if args.quick else args.n]
+    reqs, unknown_nb = ev.known_neighbours_only(model, tok, family, reqs)
+    rows, secs = single_edits(loaded, editor_for(method, str(run / "editor")), reqs)
+    curve = validation_curve(run)
+    return {
+        "model": loaded.source, "family": family, "method": method,
+        "protocol": "counterfact (efficacy/paraphrase/neighborhood) + token_accuracy",
+        "preset": args.preset.format(method=method), "hparams": info["hyper_parameters"],
+        "train_requests": len(data.train_set), "train_facts": len({(r.subject, r.relation) for r in data.train_set}),
+        "val_requests": len(data.val_set), "train_steps": training.get("steps"),
+        "train_seconds": round(fit_s, 1) if fit_s is not None else training.get("fit_seconds"),
+        "chosen_step": training.get("chosen_step"), "val_curve": curve,
+        "n_edits": len(reqs), "heldout_pool": len(held),
+        "skipped_unknown_facts": len(held) - sum(1 for e in known if e == 0.0),
+        "neighbour_prompts_unknown_left_out": unknown_nb,
+        "neighbour_prompts_scored": sum(len(r.neighborhood_prompts) for r in reqs),
+        **_summary(rows, secs),
+    }
+
+
 def run_method(method: str, args) -> dict:
     from editing_rome import _scores, _summary, ft_l_edit, single_edits
 
+    if getattr(args, "preset", None) or getattr(args, "from_run", None):
+        return run_preset(method, args)
     module, data, ckpt, train_s, trainer = train_editor(method, args)
     n = 10 if args.quick else args.n
     steps = 20 if args.quick else args.steps

@@ -188,6 +188,10 @@ class LetheCLI(LightningCLI):
                 isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                              every_n_train_steps=run.get("save_every_n_steps")))
+            metric = getattr(self.model, "selection_metric", None)
+            if metric:  # editors: also keep the best checkpoint by their validation metric, as best.ckpt
+                callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=metric, mode="max",
+                                                 save_top_k=1, filename="best", auto_insert_metric_name=False))
         for path in DEFAULT_CALLBACKS:
             cls = import_object(path)
             if not any(isinstance(c, cls) for c in callbacks):

@@ -266,8 +266,9 @@ def check_meta(saved: dict, here: dict, where: str, allow_other_weights: bool = 
     h_sites = [(s["param"], s["out_features"], s["in_features"]) for s in here["sites"]]
     if s_sites != h_sites:
         raise EditorCheckpointError(
-            f"{where} edits {[f'{p} {o}x{i}' for p, o, i in s_sites]} but this model/layer choice gives "
-            f"{[f'{p} {o}x{i}' for p, o, i in h_sites]}: it was trained for another model or other layers")
+            f"{where} edits {[f'{p} {o}x{i}' for p, o, i in s_sites]} of {saved.get('model_source')} but this "
+            f"model/layer choice ({here['model_source']}) gives {[f'{p} {o}x{i}' for p, o, i in h_sites]}: it was "
+            "trained for another model or other layers")
     if saved.get("fingerprint") != here["fingerprint"] and not allow_other_weights:
         raise EditorCheckpointError(
             f"{where} was trained on other weights ({saved.get('model_source')}, fingerprint "

@@ -1,16 +1,26 @@
 """The LightningModule base of MEND and KnowledgeEditor training: the base model frozen, the editor trained
 on batches of edit requests, checkpoints holding the editor only. The shared pieces (edited matrices,
-gradient factors, losses, checkpoint checks) are in :mod:`lethe.hypernetworks`."""
+gradient factors, losses, checkpoint checks) are in :mod:`lethe.hypernetworks`.
+
+Validation edits the validation requests with the current editor and logs, besides the losses, the
+CounterFact neighbourhood score (``val/neighborhood``: share of neighbour prompts whose true object still
+beats the edit's new object, of those where the unedited model prefers it) and ``val/selection``: that neighbourhood score when validation edit success
+reaches ``success_floor``, else edit success - 1 (below every run that reaches it). The best checkpoint is
+the one with the highest ``val/selection`` (``lethe fit`` keeps it as ``checkpoints/best.ckpt``), and the editor
+exported when the fit ends is that checkpoint's, not the last step's.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torchmetrics import MeanMetric
 
 from lethe import lm
-from lethe.evaluation import locality_pairs
+from lethe.evaluation import locality_pairs, neighbor_pairs
 from lethe.hypernetworks import (
     EDITOR_META_KEY,
     EditorCheckpointError,
@@ -29,6 +39,8 @@ from lethe.hypernetworks import (
 from lethe.records import EditRequest
 from lightning_modules.base import ModelModule
 
+SELECTION = "val/selection"
+
 
 # ----- the LightningModule base ------------------------------------------------------------------------
 class HypernetModule(ModelModule):
@@ -42,9 +54,16 @@ class HypernetModule(ModelModule):
     method = "hypernet"
     META_KEY = EDITOR_META_KEY
 
+    selection_metric = SELECTION
+
     def __init__(self, model: str, layers: list[int], kinds: list[str], stack: str | None, edits_per_step: int,
-                 max_length: int | None, dtype: str, trust_remote_code: bool, tokenizer: str | None) -> None:
+                 max_length: int | None, dtype: str, trust_remote_code: bool, tokenizer: str | None,
+                 success_floor: float = 0.9) -> None:
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.success_floor = float(success_floor)
+        # validation means over every batch and process, for the selection metric
+        self.val_success = MeanMetric()
+        self.val_neighborhood = MeanMetric()
         self.model.requires_grad_(False)
         self.model.eval()
         self.sites = resolve_sites(self.model, self.adapter, layers, kinds, stack)
@@ -81,16 +100,25 @@ class HypernetModule(ModelModule):
         return gen, loc, gen_owner, loc_owner
 
     def edit_losses(self, requests: Sequence[EditRequest], deltas_per_group: list[dict[str, torch.Tensor]],
-                    groups: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Edit NLL (rewrite + paraphrases), locality KL and metrics, averaged over independent groups."""
+                    groups: list[list[int]], contrast: bool = False) -> dict[str, torch.Tensor]:
+        """Edit NLL (rewrite + paraphrases), locality KL and metrics, averaged over independent groups.
+        ``contrast``: also score each neighbour prompt's new object, for the CounterFact neighbourhood score
+        (``neighborhood``: over the neighbour prompts the unedited model gets right, ``n_neighbours`` of them)."""
         tok, family, device = self.tokenizer, self.family, self.device
-        nll, kl, succ, para, draw = [], [], [], [], []
+        nll, kl, succ, para, draw, nb = [], [], [], [], [], []
         for g, deltas in zip(groups, deltas_per_group):
             reqs = [requests[i] for i in g]
             gen, loc, gen_owner, loc_owner = self._eval_batches(reqs)
-            pairs = gen + loc
+            # the neighbour prompts with the edit's new object (requests whose locality pairs are neighbours)
+            rival, rival_owner = [], []
+            if contrast:
+                for i, r in enumerate(reqs):
+                    if not r.loc_prompts:
+                        rival += [(p, r.target_new) for p, _ in neighbor_pairs(r)]
+                        rival_owner += [i] * len(r.neighborhood_prompts)
+            pairs = gen + loc + rival
             batch = lm.to_device(encode(tok, family, pairs, self.max_length, "prompt/target pair",
-                                        [reqs[i] for i in gen_owner + loc_owner]), device)
+                                        [reqs[i] for i in gen_owner + loc_owner + rival_owner]), device)
             post = edited_logits(self.model, family, batch, deltas, self.sites)
             ng = len(gen)
             gen_nll = token_loss(post[:ng], batch["labels"][:ng], family)
@@ -100,12 +128,26 @@ class HypernetModule(ModelModule):
             succ.append(em[first].mean())
             if (~first).any():
                 para.append(em[~first].mean())
+            nl = len(loc)
             if loc:
-                loc_batch = {k: v[ng:] for k, v in batch.items()}
+                loc_batch = {k: v[ng:ng + nl] for k, v in batch.items()}
                 with torch.no_grad():
                     pre = lm.forward_logits(self.model, loc_batch, family)
-                kl.append(kl_at_labels(pre, post[ng:], loc_batch["labels"], family).mean())
-                draw.append(changed_tokens(pre, post[ng:].detach(), loc_batch["labels"], family))
+                kl.append(kl_at_labels(pre, post[ng:ng + nl], loc_batch["labels"], family).mean())
+                draw.append(changed_tokens(pre, post[ng:ng + nl].detach(), loc_batch["labels"], family))
+            if rival:
+                # rival rows follow their requests' neighbour rows in the same order (no loc_prompts: loc = neighbours);
+                # scored only where the unedited model prefers the true object (as the benchmarks do)
+                true_rows = [ng + j for j, o in enumerate(loc_owner) if not reqs[o].loc_prompts]
+                with torch.no_grad():
+                    rival_batch = {k: v[ng + nl:] for k, v in batch.items()}
+                    pre_new = token_loss(lm.forward_logits(self.model, rival_batch, family), rival_batch["labels"],
+                                         family)
+                    pre_true = token_loss(pre[[j - ng for j in true_rows]], batch["labels"][true_rows], family)
+                    true_nll = token_loss(post[true_rows].detach(), batch["labels"][true_rows], family)
+                    new_nll = token_loss(post[ng + nl:].detach(), rival_batch["labels"], family)
+                known = pre_true < pre_new
+                nb.append((true_nll < new_nll)[known].float())
         zero = torch.zeros((), device=device)
         return {
             "edit_nll": torch.stack(nll).mean(),
@@ -113,6 +155,8 @@ class HypernetModule(ModelModule):
             "edit_success": torch.stack(succ).mean(),
             "paraphrase_success": torch.stack(para).mean() if para else zero,
             "drawdown": torch.stack(draw).mean() if draw else zero,
+            **({"neighborhood": torch.cat(nb).mean(), "n_neighbours": sum(len(x) for x in nb)}
+               if sum(len(x) for x in nb) else {}),
         }
 
     def combine_loss(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,13 +165,17 @@ class HypernetModule(ModelModule):
     def _step(self, requests: Sequence[EditRequest], stage: str) -> torch.Tensor:
         groups = self._groups(len(requests))
         deltas = self.net.deltas(self.model, self.tokenizer, self.family, requests, groups)
-        parts = self.edit_losses(requests, deltas, groups)
+        parts = self.edit_losses(requests, deltas, groups, contrast=stage == "val")
         loss = self.combine_loss(parts)
         n = len(requests)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         for k in ("edit_nll", "loc_kl", "edit_success", "paraphrase_success", "drawdown"):
             self.log(f"{stage}/{k}", parts[k], prog_bar=k in ("edit_success", "drawdown"), sync_dist=True,
                      batch_size=n)
+        if stage == "val":
+            self.val_success.update(parts["edit_success"].detach(), n)
+            if "neighborhood" in parts:
+                self.val_neighborhood.update(parts["neighborhood"], parts["n_neighbours"])
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -137,14 +185,47 @@ class HypernetModule(ModelModule):
         with torch.inference_mode(False):
             self._step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        """``val/neighborhood`` and ``val/selection`` from the whole validation set (all processes)."""
+        if self.val_success.update_count == 0:
+            return
+        success = self.val_success.compute()
+        has_nb = self.val_neighborhood.update_count > 0
+        # requests with unrelated loc prompts only (zsRE form): locality is then 1 - drawdown
+        nb = self.val_neighborhood.compute() if has_nb else 1 - self.trainer.callback_metrics.get(
+            "val/drawdown", torch.zeros(()))
+        if has_nb:
+            self.log("val/neighborhood", nb, sync_dist=False)
+        selection = torch.where(success >= self.success_floor, nb.to(success), success - 1)
+        self.log(SELECTION, selection, prog_bar=True, sync_dist=False)
+        self.val_success.reset()
+        self.val_neighborhood.reset()
+
     # ----- checkpoints: the editor only ---------------------------------------------------------------
     def on_fit_end(self) -> None:
         """Export the trained editor as safetensors + JSON (``<run>/editor``), the form to share and to load
         with ``lethe edit`` (editor_args.checkpoint): loading it runs no code."""
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-            export_editor(state, dict(self.hparams), self.editor_meta(),
-                          Path(self.trainer.default_root_dir) / "editor")
+            training = {"steps": int(self.trainer.global_step),
+                        "fit_seconds": round(time.perf_counter() - self._fit_t0, 1)}  # this fit call (not resumed parts)
+            best = self.best_checkpoint()
+            if best is not None:  # the editor chosen by validation, not the last step's
+                ckpt = torch.load(best, map_location="cpu", weights_only=True)
+                state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+                training.update(chosen_step=int(ckpt.get("global_step", -1)), chosen_by=SELECTION)
+            meta = {**self.editor_meta(), "training": training}
+            export_editor(state, dict(self.hparams), meta, Path(self.trainer.default_root_dir) / "editor")
+
+    def on_fit_start(self) -> None:
+        self._fit_t0 = time.perf_counter()
+
+    def best_checkpoint(self) -> str | None:
+        """The file of the best ``val/selection`` checkpoint this fit kept, if any."""
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None) == SELECTION and cb.best_model_path:
+                return cb.best_model_path
+        return None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}

@@ -28,6 +28,7 @@ class KnowledgeEditorModule(HypernetModule):
         smoothing: label smoothing of the NLL whose gradient conditions the update and of the edit loss.
         lr: Adam learning rate of the hypernetwork; lr_lagrange: of the multiplier λ (gradient ascent).
         margin_max / margin_min / margin_steps: the KL margin, shrinking linearly over training steps.
+        success_floor: validation edit success a checkpoint needs before its neighbourhood score selects it.
     """
 
     method = "ke"
@@ -37,9 +38,10 @@ class KnowledgeEditorModule(HypernetModule):
                  max_scale: float = 1.0, smoothing: float = 0.1, lr: float = 3e-4, lr_lagrange: float = 1e-2,
                  margin_max: float = 0.1, margin_min: float = 0.01, margin_steps: int = 1000,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False, tokenizer: str | None = None) -> None:
+                 trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9) -> None:
         check_range(non_negative={"lr": lr, "lr_lagrange": lr_lagrange, "margin_min": margin_min})
-        super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer)
+        super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer,
+                         success_floor)
         self.save_hyperparameters()
         embed_dim = self.adapter.embeddings(self.model).weight.shape[1]
         self.net = KENet(self.sites, embed_dim, lstm_hidden, cond_dim, hidden, max_scale, smoothing)

@@ -28,6 +28,7 @@ class MENDModule(HypernetModule):
         c_edit / c_loc: loss weights of the edit NLL and the locality KL (paper 0.1 / 1.0).
         edits_per_step: requests edited jointly in one training edit (batched editing).
         max_length: longest encoded edit (default: the model's context).
+        success_floor: validation edit success a checkpoint needs before its neighbourhood score selects it.
     """
 
     method = "mend"
@@ -36,10 +37,11 @@ class MENDModule(HypernetModule):
                  stack: str | None = None, rank: int = 1920, n_hidden: int = 1, alpha_init: float = 1e-4,
                  lr: float = 1e-4, lr_alpha: float = 1e-4, c_edit: float = 0.1, c_loc: float = 1.0,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False, tokenizer: str | None = None) -> None:
+                 trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9) -> None:
         check_range(positive={"rank": rank},
                     non_negative={"lr": lr, "lr_alpha": lr_alpha, "c_edit": c_edit, "c_loc": c_loc})
-        super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer)
+        super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer,
+                         success_floor)
         self.save_hyperparameters()
         self.net = MENDNet(self.sites, rank=rank, n_hidden=n_hidden, alpha_init=alpha_init)
         self.net.max_length = self.max_length
