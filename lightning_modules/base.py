@@ -49,6 +49,21 @@ class ModelModule(L.LightningModule):
                  and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params))
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
+    def with_schedule(self, opt: torch.optim.Optimizer, warmup_steps: int = 0, decay: bool = False):
+        """``opt`` with a per-step learning-rate factor: linear warm-up over ``warmup_steps``, then constant or
+        (``decay``) linear to zero at the run's last step; ``opt`` alone when neither is asked for."""
+        if not warmup_steps and not decay:
+            return opt
+        warm = max(1, warmup_steps)
+        total = max(warm + 1, int(self.trainer.estimated_stepping_batches)) if decay else None
+
+        def factor(step: int) -> float:
+            up = min(1.0, (step + 1) / warm)
+            return up if total is None else min(up, max(0.0, (total - step) / (total - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
     def save_model(self, dest: str | Path) -> Path:
         """Save the (edited / unlearned) model as a Hugging Face folder, atomically."""
         return save_pretrained(self.model, self.tokenizer, dest)

@@ -29,6 +29,7 @@ class KnowledgeEditorModule(HypernetModule):
         lr: Adam learning rate of the hypernetwork; lr_lagrange: of the multiplier λ (gradient ascent).
         margin_max / margin_min / margin_steps: the KL margin, shrinking linearly over training steps.
         success_floor: validation edit success a checkpoint needs before its neighbourhood score selects it.
+        lr_decay: both learning rates fall linearly to zero at the last step (steadier late training).
     """
 
     method = "ke"
@@ -38,7 +39,8 @@ class KnowledgeEditorModule(HypernetModule):
                  max_scale: float = 1.0, smoothing: float = 0.1, lr: float = 3e-4, lr_lagrange: float = 1e-2,
                  margin_max: float = 0.1, margin_min: float = 0.01, margin_steps: int = 1000,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9) -> None:
+                 trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9,
+                 lr_decay: bool = False) -> None:
         check_range(non_negative={"lr": lr, "lr_lagrange": lr_lagrange, "margin_min": margin_min})
         super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer,
                          success_floor)
@@ -66,6 +68,7 @@ class KnowledgeEditorModule(HypernetModule):
             self.lagrange.clamp_(min=0.0)
 
     def configure_optimizers(self):
-        return torch.optim.Adam([{"params": list(self.net.parameters()), "lr": self.hparams.lr},
-                                 {"params": [self.lagrange], "lr": self.hparams.lr_lagrange}])
+        opt = torch.optim.Adam([{"params": list(self.net.parameters()), "lr": self.hparams.lr},
+                                {"params": [self.lagrange], "lr": self.hparams.lr_lagrange}])
+        return self.with_schedule(opt, decay=self.hparams.lr_decay)
 

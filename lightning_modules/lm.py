@@ -69,14 +69,4 @@ class LanguageModelModule(ModelModule):
 
     def configure_optimizers(self):
         opt = self.adamw([p for p in self.parameters() if p.requires_grad], self.hparams.lr, self.hparams.weight_decay)
-        if not self.hparams.warmup_steps and not self.hparams.decay:
-            return opt
-        warm = max(1, self.hparams.warmup_steps)
-        total = max(warm + 1, int(self.trainer.estimated_stepping_batches)) if self.hparams.decay else None
-
-        def factor(step: int) -> float:  # linear warm-up, then constant or (decay) linear to zero
-            up = min(1.0, (step + 1) / warm)
-            return up if total is None else min(up, max(0.0, (total - step) / (total - warm)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.with_schedule(opt, self.hparams.warmup_steps, self.hparams.decay)

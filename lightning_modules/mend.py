@@ -29,6 +29,7 @@ class MENDModule(HypernetModule):
         edits_per_step: requests edited jointly in one training edit (batched editing).
         max_length: longest encoded edit (default: the model's context).
         success_floor: validation edit success a checkpoint needs before its neighbourhood score selects it.
+        lr_decay: both learning rates fall linearly to zero at the last step (steadier late training).
     """
 
     method = "mend"
@@ -37,7 +38,8 @@ class MENDModule(HypernetModule):
                  stack: str | None = None, rank: int = 1920, n_hidden: int = 1, alpha_init: float = 1e-4,
                  lr: float = 1e-4, lr_alpha: float = 1e-4, c_edit: float = 0.1, c_loc: float = 1.0,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9) -> None:
+                 trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9,
+                 lr_decay: bool = False) -> None:
         check_range(positive={"rank": rank},
                     non_negative={"lr": lr, "lr_alpha": lr_alpha, "c_edit": c_edit, "c_loc": c_loc})
         super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer,
@@ -51,6 +53,7 @@ class MENDModule(HypernetModule):
 
     def configure_optimizers(self):
         rest = [p for n, p in self.net.named_parameters() if n != "alpha"]
-        return torch.optim.Adam([{"params": rest, "lr": self.hparams.lr},
-                                 {"params": [self.net.alpha], "lr": self.hparams.lr_alpha}])
+        opt = torch.optim.Adam([{"params": rest, "lr": self.hparams.lr},
+                                {"params": [self.net.alpha], "lr": self.hparams.lr_alpha}])
+        return self.with_schedule(opt, decay=self.hparams.lr_decay)
 

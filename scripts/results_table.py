@@ -52,8 +52,10 @@ def rows() -> list[tuple[str, str, str, str]]:
                         _epn(d) + _speed(d.get("by_precision")), cmd))
             s = d.get("smollm2") or {}
             if "efficacy" in s:
+                trained = (f"; editor trained {s['train_seconds'] / 60:.0f} min on {s['train_requests']} requests"
+                           if s.get("preset") and s.get("train_seconds") else "")
                 out.append((f"{method.upper()}, {s['n_edits']} {what}", "SmolLM2-135M",
-                            _epn(s) + _speed(s.get("by_precision")), cmd))
+                            _epn(s) + _speed(s.get("by_precision")) + trained, cmd))
     d = _load("memit")
     if d:
         cmd = "`python benchmarks/editing.py --method memit`"
