@@ -147,16 +147,30 @@ def fit_preset(method: str, args) -> tuple[Path, float | None]:
 
 
 def validation_curve(run: Path) -> list[dict]:
-    """The run's validation rows (metrics.csv): step and every ``val/`` value."""
+    """The run's validation rows (metrics.csv): the steps trained before it (the CSV's step column is Lightning's
+    count of batches before the last one, one lower) and every ``val/`` value."""
     import csv
 
     rows = []
     with open(run / "metrics.csv") as f:
         for row in csv.DictReader(f):
             if row.get("val/selection"):
-                rows.append({"step": int(row["step"]), **{k: round(float(v), 4) for k, v in row.items()
+                rows.append({"step": int(row["step"]) + 1, **{k: round(float(v), 4) for k, v in row.items()
                                                           if k.startswith("val/") and v}})
     return rows
+
+
+def same_as_preset(config: dict, preset: str) -> bool:
+    """Whether a run's saved config holds the preset's model, data and trainer values (a reused ``--from-run``
+    must be a run of the shipped preset for its figures to be the preset's)."""
+    import yaml
+
+    want = yaml.safe_load((ROOT / preset).read_text())
+    for part in ("model", "data"):
+        got = config[part]["init_args"]
+        if any(got.get(k) != v for k, v in want[part]["init_args"].items()):
+            return False
+    return all(config["trainer"].get(k) == v for k, v in want["trainer"].items())
 
 
 def run_preset(method: str, args) -> dict:
@@ -164,9 +178,9 @@ def run_preset(method: str, args) -> dict:
     import json
 
     import yaml
+    from editing_rome import _summary, single_edits
 
     from datamodules.edit_training import EditTrainingDataModule
-    from editing_rome import _summary, single_edits
     from lethe.models import load_model
 
     run, fit_s = fit_preset(method, args)
@@ -184,9 +198,11 @@ def run_preset(method: str, args) -> dict:
     rows, secs = single_edits(loaded, editor_for(method, str(run / "editor")), reqs)
     curve = validation_curve(run)
     return {
-        "model": loaded.source, "family": family, "method": method,
+        "model": preset["model"]["init_args"]["model"], "family": family, "method": method,
         "protocol": "counterfact (efficacy/paraphrase/neighborhood) + token_accuracy",
-        "preset": args.preset.format(method=method), "hparams": info["hyper_parameters"],
+        "preset": (args.preset or SMOLLM2_ARGS["preset"]).format(method=method), "run_config_equals_preset":
+            same_as_preset(preset, (args.preset or SMOLLM2_ARGS["preset"]).format(method=method)),
+        "hparams": info["hyper_parameters"],
         "train_requests": len(data.train_set), "train_facts": len({(r.subject, r.relation) for r in data.train_set}),
         "val_requests": len(data.val_set), "train_steps": training.get("steps"),
         "train_seconds": round(fit_s, 1) if fit_s is not None else training.get("fit_seconds"),

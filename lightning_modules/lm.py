@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from lethe import lm
 from lethe.checks import check_range
 from lightning_modules.base import ModelModule

@@ -335,7 +335,7 @@ def heldout_locality(module, steps: int = 30, n_eval: int = 24) -> dict[str, flo
         eff.append(s["efficacy"])
         nb.append(s["neighborhood"])
         own_nb.append(float(own["neighborhood"]))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     return {"efficacy": mean(eff), "neighborhood": mean(nb), "val_neighborhood": mean(own_nb), "n": len(reqs)}
 
 
