@@ -116,7 +116,9 @@ def train_editor(method: str, args):
     data = EditTrainingDataModule(source=source, seed=args.seed, heldout=heldout, val_size=val_size,
                                   batch_size=args.batch_size)
     out = Path(args.out or tempfile.mkdtemp(prefix=f"lethe_{method}_"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    # default_root_dir: the editor the fit exports goes beside the checkpoint, not into the working directory
+    trainer = L.Trainer(default_root_dir=str(out), accelerator="cpu", devices=1, max_steps=steps, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         val_check_interval=None, check_val_every_n_epoch=10**6, inference_mode=False)
     t0 = time.perf_counter()
