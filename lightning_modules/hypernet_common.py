@@ -3,9 +3,11 @@ on batches of edit requests, checkpoints holding the editor only. The shared pie
 gradient factors, losses, checkpoint checks) are in :mod:`lethe.hypernetworks`.
 
 Validation edits the validation requests with the current editor and logs, besides the losses, the
-CounterFact neighbourhood score (``val/neighborhood``: share of neighbour prompts whose true object still
-beats the edit's new object, of those where the unedited model prefers it) and ``val/selection``: that neighbourhood score when validation edit success
-reaches ``success_floor``, else edit success - 1 (below every run that reaches it). The best checkpoint is
+CounterFact scores of the benchmarks (``val/efficacy`` and ``val/paraphrase``: the new object beats the true one
+on the rewrite prompt / its paraphrases; ``val/neighborhood``: share of neighbour prompts whose true object still
+beats the edit's new object, of those where the unedited model prefers it) and ``val/selection``: that
+neighbourhood score when validation success (``success_metric``: exact-match ``edit_success`` or ``efficacy``)
+reaches ``success_floor``, else success - 1 (below every run that reaches it). The best checkpoint is
 the one with the highest ``val/selection`` (``lethe fit`` keeps it as ``checkpoints/best.ckpt``), and the editor
 exported when the fit ends is that checkpoint's, not the last step's.
 """
@@ -40,6 +42,9 @@ from lethe.records import EditRequest
 from lightning_modules.base import ModelModule
 
 SELECTION = "val/selection"
+# what success_floor applies to: exact match of the new object (greedy decoding yields it), or CounterFact efficacy
+# (the edited model prefers the new object to the true one: the benchmarks' efficacy)
+SUCCESS_METRICS = ("edit_success", "efficacy")
 
 
 # ----- the LightningModule base ------------------------------------------------------------------------
@@ -58,12 +63,19 @@ class HypernetModule(ModelModule):
 
     def __init__(self, model: str, layers: list[int], kinds: list[str], stack: str | None, edits_per_step: int,
                  max_length: int | None, dtype: str, trust_remote_code: bool, tokenizer: str | None,
-                 success_floor: float = 0.9) -> None:
+                 success_floor: float = 0.9, c_rival: float = 0.0, success_metric: str = "edit_success") -> None:
         super().__init__(model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        if success_metric not in SUCCESS_METRICS:
+            raise ValueError(f"model.init_args.success_metric: {success_metric!r} is not one of "
+                             f"{', '.join(SUCCESS_METRICS)}")
         self.success_floor = float(success_floor)
+        self.success_metric = success_metric
+        self.c_rival = float(c_rival)  # weight of the neighbour-margin loss (edit_losses' ``rival``); 0: the papers' loss
         # validation means over every batch and process, for the selection metric
         self.val_success = MeanMetric()
         self.val_neighborhood = MeanMetric()
+        self.val_efficacy = MeanMetric()
+        self.val_paraphrase = MeanMetric()
         self.model.requires_grad_(False)
         self.model.eval()
         self.sites = resolve_sites(self.model, self.adapter, layers, kinds, stack)
@@ -103,23 +115,40 @@ class HypernetModule(ModelModule):
                     groups: list[list[int]], contrast: bool = False) -> dict[str, torch.Tensor]:
         """Edit NLL (rewrite + paraphrases), locality KL and metrics, averaged over independent groups.
         ``contrast``: also score each neighbour prompt's new object, for the CounterFact neighbourhood score
-        (``neighborhood``: over the neighbour prompts the unedited model gets right, ``n_neighbours`` of them)."""
+        (``neighborhood``: over the neighbour prompts the unedited model gets right, ``n_neighbours`` of them).
+        With ``c_rival`` > 0 training scores them too, with gradients, for ``rival``: the mean fall of each
+        neighbour's margin NLL(new) - NLL(true) below the unedited model's (0 where it does not fall)."""
         tok, family, device = self.tokenizer, self.family, self.device
-        nll, kl, succ, para, draw, nb = [], [], [], [], [], []
+        nll, kl, succ, para, draw, nb, riv, eff, cf_para = [], [], [], [], [], [], [], [], []
+        with_rivals = contrast or self.c_rival > 0
         for g, deltas in zip(groups, deltas_per_group):
             reqs = [requests[i] for i in g]
             gen, loc, gen_owner, loc_owner = self._eval_batches(reqs)
             # the neighbour prompts with the edit's new object (requests whose locality pairs are neighbours)
             rival, rival_owner = [], []
-            if contrast:
+            if with_rivals:
                 for i, r in enumerate(reqs):
                     if not r.loc_prompts:
                         rival += [(p, r.target_new) for p, _ in neighbor_pairs(r)]
                         rival_owner += [i] * len(r.neighborhood_prompts)
-            pairs = gen + loc + rival
+            # validation: the edit prompts with the true object, for CounterFact efficacy / paraphrase
+            olds = [j for j, o in enumerate(gen_owner) if reqs[o].target_true] if contrast else []
+            old = [(gen[j][0], reqs[gen_owner[j]].target_true) for j in olds]
+            pairs = gen + loc + rival + old
             batch = lm.to_device(encode(tok, family, pairs, self.max_length, "prompt/target pair",
-                                        [reqs[i] for i in gen_owner + loc_owner + rival_owner]), device)
+                                        [reqs[i] for i in gen_owner + loc_owner + rival_owner]
+                                        + [reqs[gen_owner[j]] for j in olds]), device)
             post = edited_logits(self.model, family, batch, deltas, self.sites)
+            if old:
+                no = len(old)
+                with torch.no_grad():
+                    wins = token_loss(post[olds], batch["labels"][olds], family) < token_loss(
+                        post[-no:], batch["labels"][-no:], family)
+                is_first = [j == 0 or gen_owner[j] != gen_owner[j - 1] for j in olds]
+                eff.append(wins[torch.tensor(is_first, device=device)].float())
+                cf_para.append(wins[~torch.tensor(is_first, device=device)].float())
+                batch = {k: v[:-no] for k, v in batch.items()}
+                post = post[:-no]
             ng = len(gen)
             gen_nll = token_loss(post[:ng], batch["labels"][:ng], family)
             nll.append(gen_nll.mean())
@@ -136,27 +165,34 @@ class HypernetModule(ModelModule):
                 kl.append(kl_at_labels(pre, post[ng:ng + nl], loc_batch["labels"], family).mean())
                 draw.append(changed_tokens(pre, post[ng:ng + nl].detach(), loc_batch["labels"], family))
             if rival:
-                # rival rows follow their requests' neighbour rows in the same order (no loc_prompts: loc = neighbours);
-                # scored only where the unedited model prefers the true object (as the benchmarks do)
+                # rival rows follow their requests' neighbour rows in the same order (no loc_prompts: loc = neighbours)
                 true_rows = [ng + j for j, o in enumerate(loc_owner) if not reqs[o].loc_prompts]
+                rival_batch = {k: v[ng + nl:] for k, v in batch.items()}
                 with torch.no_grad():
-                    rival_batch = {k: v[ng + nl:] for k, v in batch.items()}
                     pre_new = token_loss(lm.forward_logits(self.model, rival_batch, family), rival_batch["labels"],
                                          family)
                     pre_true = token_loss(pre[[j - ng for j in true_rows]], batch["labels"][true_rows], family)
-                    true_nll = token_loss(post[true_rows].detach(), batch["labels"][true_rows], family)
-                    new_nll = token_loss(post[ng + nl:].detach(), rival_batch["labels"], family)
+                true_nll = token_loss(post[true_rows], batch["labels"][true_rows], family)
+                new_nll = token_loss(post[ng + nl:], rival_batch["labels"], family)
+                if self.c_rival > 0:
+                    riv.append(torch.relu((pre_new - pre_true) - (new_nll - true_nll)).mean())
+                # scored only where the unedited model prefers the true object (as the benchmarks do)
                 known = pre_true < pre_new
-                nb.append((true_nll < new_nll)[known].float())
+                nb.append((true_nll.detach() < new_nll.detach())[known].float())
         zero = torch.zeros((), device=device)
         return {
             "edit_nll": torch.stack(nll).mean(),
             "loc_kl": torch.stack(kl).mean() if kl else zero,
+            "rival": torch.stack(riv).mean() if riv else zero,
             "edit_success": torch.stack(succ).mean(),
             "paraphrase_success": torch.stack(para).mean() if para else zero,
             "drawdown": torch.stack(draw).mean() if draw else zero,
             **({"neighborhood": torch.cat(nb).mean(), "n_neighbours": sum(len(x) for x in nb)}
                if sum(len(x) for x in nb) else {}),
+            **({"efficacy": torch.cat(eff).mean(), "n_efficacy": sum(len(x) for x in eff)}
+               if sum(len(x) for x in eff) else {}),
+            **({"paraphrase": torch.cat(cf_para).mean(), "n_paraphrase": sum(len(x) for x in cf_para)}
+               if sum(len(x) for x in cf_para) else {}),
         }
 
     def combine_loss(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,11 +205,18 @@ class HypernetModule(ModelModule):
         loss = self.combine_loss(parts)
         n = len(requests)
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
-        for k in ("edit_nll", "loc_kl", "edit_success", "paraphrase_success", "drawdown"):
+        for k in ("edit_nll", "loc_kl", "edit_success", "paraphrase_success", "drawdown") + (("rival",) if self.c_rival
+                                                                                              else ()):
             self.log(f"{stage}/{k}", parts[k], prog_bar=k in ("edit_success", "drawdown"), sync_dist=True,
                      batch_size=n)
         if stage == "val":
-            self.val_success.update(parts["edit_success"].detach(), n)
+            if self.success_metric == "efficacy" and "efficacy" in parts:
+                self.val_success.update(parts["efficacy"], parts["n_efficacy"])
+            else:
+                self.val_success.update(parts["edit_success"].detach(), n)
+            for k in ("efficacy", "paraphrase"):
+                if k in parts:
+                    getattr(self, f"val_{k}").update(parts[k], parts[f"n_{k}"])
             if "neighborhood" in parts:
                 self.val_neighborhood.update(parts["neighborhood"], parts["n_neighbours"])
         return loss
@@ -196,6 +239,11 @@ class HypernetModule(ModelModule):
             "val/drawdown", torch.zeros(()))
         if has_nb:
             self.log("val/neighborhood", nb, sync_dist=False)
+        for k in ("efficacy", "paraphrase"):
+            metric = getattr(self, f"val_{k}")
+            if metric.update_count > 0:
+                self.log(f"val/{k}", metric.compute(), sync_dist=False)
+            metric.reset()
         selection = torch.where(success >= self.success_floor, nb.to(success), success - 1)
         self.log(SELECTION, selection, prog_bar=True, sync_dist=False)
         self.val_success.reset()

@@ -2,7 +2,8 @@
 
 ``lethe fit --config configs/edit/mend_<family>.yaml``: only the editor trains, the base model is
 frozen; loss = c_edit · NLL of target_new on the rewrite prompt and its paraphrases under the edited
-weights + c_loc · KL(pre ‖ post) at the answers of unrelated (neighbourhood) prompts.
+weights + c_loc · KL(pre ‖ post) at the answers of unrelated (neighbourhood) prompts (+ c_rival · the
+neighbour-margin loss, off by default; see ``HypernetModule.edit_losses``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ class MENDModule(HypernetModule):
         c_edit / c_loc: loss weights of the edit NLL and the locality KL (paper 0.1 / 1.0).
         edits_per_step: requests edited jointly in one training edit (batched editing).
         max_length: longest encoded edit (default: the model's context).
-        success_floor: validation edit success a checkpoint needs before its neighbourhood score selects it.
+        success_floor / success_metric: the validation success a checkpoint needs before its neighbourhood score
+            selects it, measured as ``edit_success`` (greedy decoding yields the new object) or ``efficacy``
+            (CounterFact: the edited model prefers the new object to the true one, the benchmarks' efficacy).
         lr_decay: both learning rates fall linearly to zero at the last step (steadier late training).
+        c_rival: weight of a neighbour-margin loss beside the paper's (0, the default, is the paper's loss): on each
+            training request's neighbour prompts, how far the edit lowers NLL(new object) - NLL(true object) below
+            the unedited model's. The KL barely sees a rival object whose probability rises from 1% to 5%, and that
+            is what flips a CounterFact neighbour whose true object had 4%.
     """
 
     method = "mend"
@@ -39,17 +46,18 @@ class MENDModule(HypernetModule):
                  lr: float = 1e-4, lr_alpha: float = 1e-4, c_edit: float = 0.1, c_loc: float = 1.0,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
                  trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9,
-                 lr_decay: bool = False) -> None:
+                 lr_decay: bool = False, c_rival: float = 0.0, success_metric: str = "edit_success") -> None:
         check_range(positive={"rank": rank},
                     non_negative={"lr": lr, "lr_alpha": lr_alpha, "c_edit": c_edit, "c_loc": c_loc})
         super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer,
-                         success_floor)
+                         success_floor, c_rival, success_metric)
         self.save_hyperparameters()
         self.net = MENDNet(self.sites, rank=rank, n_hidden=n_hidden, alpha_init=alpha_init)
         self.net.max_length = self.max_length
 
     def combine_loss(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.hparams.c_edit * parts["edit_nll"] + self.hparams.c_loc * parts["loc_kl"]
+        return (self.hparams.c_edit * parts["edit_nll"] + self.hparams.c_loc * parts["loc_kl"]
+                + self.c_rival * parts["rival"])
 
     def configure_optimizers(self):
         rest = [p for n, p in self.net.named_parameters() if n != "alpha"]

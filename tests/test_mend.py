@@ -322,7 +322,7 @@ def heldout_locality(module, steps: int = 30, n_eval: int = 24) -> dict[str, flo
     reqs, _ = ev.known_neighbours_only(model, tok, family, [r for r, e in zip(held, known) if e == 0.0][:n_eval])
     params = dict(model.named_parameters())
     by_param = {s.param: s for s in module.sites}
-    eff, nb, own_nb = [], [], []
+    eff, nb, own_nb, para, own_eff, own_para = [], [], [], [], [], []
     for r in reqs:
         deltas = module.net.deltas(model, tok, family, [r])
         with torch.no_grad():
@@ -333,16 +333,20 @@ def heldout_locality(module, steps: int = 30, n_eval: int = 24) -> dict[str, flo
             for n, d in deltas[0].items():
                 params[n].sub_(param_layout(by_param[n], d))
         eff.append(s["efficacy"])
+        para.append(s["paraphrase"])
         nb.append(s["neighborhood"])
         own_nb.append(float(own["neighborhood"]))
+        own_eff.append(float(own["efficacy"]))
+        own_para.append(float(own["paraphrase"]))
     mean = lambda xs: sum(xs) / len(xs)
-    return {"efficacy": mean(eff), "neighborhood": mean(nb), "val_neighborhood": mean(own_nb), "n": len(reqs)}
+    return {"efficacy": mean(eff), "paraphrase": mean(para), "neighborhood": mean(nb), "val_neighborhood": mean(own_nb),
+            "val_efficacy": mean(own_eff), "val_paraphrase": mean(own_para), "n": len(reqs)}
 
 
 def test_raising_the_locality_weight_raises_heldout_neighbourhood():
     """MEND's KL term in isolation: the same editor trained with c_loc 0 and c_loc 10 (c_edit 1); held-out
     facts' neighbourhood (scored by lethe.evaluation) is higher with the KL term. The validation pass's own
-    neighbourhood score agrees with the evaluation's per edit."""
+    efficacy, paraphrase and neighbourhood scores agree with the evaluation's per edit."""
     scores = {}
     for c_loc in (0.0, 10.0):
         L.seed_everything(0)
@@ -352,5 +356,25 @@ def test_raising_the_locality_weight_raises_heldout_neighbourhood():
     low, high = scores[0.0], scores[10.0]
     assert high["neighborhood"] > low["neighborhood"], scores
     assert high["efficacy"] >= 0.5, scores  # the KL term did not simply switch editing off
-    for s in scores.values():
-        assert abs(s["val_neighborhood"] - s["neighborhood"]) < 1e-6, scores
+    for s in scores.values():  # the validation pass scores what lethe.evaluation scores
+        for k in ("neighborhood", "efficacy", "paraphrase"):
+            assert abs(s[f"val_{k}"] - s[k]) < 1e-6, (k, scores)
+
+
+def test_the_neighbour_margin_loss_raises_heldout_neighbourhood():
+    """The optional neighbour-margin term (c_rival) in isolation, with no KL term: trained with it, the editor's
+    held-out edits leave more neighbours preferring their true object, and still edit."""
+    scores = {}
+    for c_rival in (0.0, 1.0):
+        L.seed_everything(0)
+        module = MENDModule("lethe:world-decoder", rank=128, lr=1e-3, lr_alpha=1e-3, alpha_init=1e-3, c_edit=1.0,
+                            c_loc=0.0, c_rival=c_rival)
+        scores[c_rival] = heldout_locality(module)
+    low, high = scores[0.0], scores[1.0]
+    assert high["neighborhood"] > low["neighborhood"] + 0.1, scores
+    assert high["efficacy"] >= 0.5, scores
+
+
+def test_an_unknown_success_metric_is_refused_by_name():
+    with pytest.raises(ValueError, match="success_metric.*'accuracy'"):
+        MENDModule("lethe:world-decoder", rank=8, success_metric="accuracy")
