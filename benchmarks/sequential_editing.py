@@ -1,27 +1,36 @@
 """Lifelong editing benchmark: one stream of edits, batch after batch, for ROME, MEMIT, AlphaEdit and FT-L.
 
-    python benchmarks/sequential_editing.py                          # world decoder, 1000 edits in batches of 50
-    python benchmarks/sequential_editing.py --methods alphaedit --n 300 --tune   # the tuning stream
+    python benchmarks/sequential_editing.py                          # both models (world decoder, then SmolLM2)
+    python benchmarks/sequential_editing.py --models lethe:smollm2 --methods alphaedit --tune   # tuning stream
 
-The stream: the world's CounterFact cases (``world:train``, shuffled with ``--seed``) that the unedited
-model knows (P(true) > P(new)), taken round-robin over relations; the evaluation stream is the first
-``--n`` of them, the tuning stream (``--tune``, where hyperparameters are chosen) the ``--n`` after those,
-so no reported fact was used to choose a value. Neighbourhood prompts the unedited model gets wrong hold
-no knowledge to keep and are dropped once, up front; a neighbour about a subject the stream has already
-edited for the same relation is left out and counted (``lethe.streams``).
+Streams, per model (``SETUPS``):
+
+- world decoder: 1000 of the world's CounterFact cases (``world:train``, shuffled with ``--seed``) in batches
+  of 50; general ability = greedy recall of up to 400 world facts whose subjects no edit of the stream touches.
+- SmolLM2: 500 counterfactual edits of real subjects from lethe's fact bank (``fact_bank``, every split: 725
+  facts generated from templates over 553 subjects and 16 relations, kept only where SmolLM2 prefers the true
+  object) in batches of 50, edited in bf16 autocast; general ability = perplexity of 100 held-out Python-doc
+  passages (``general``; the covariance's corpus takes the first 200, these are the last 100) and greedy recall
+  of the bank's facts whose subjects no edit touches (``fact_recall``).
+
+In both, only facts the unedited model knows (P(true) > P(new)) are used, taken round-robin over relations; the
+evaluation stream is the first ``--n`` of them, the tuning stream (``--tune``, where hyperparameters are chosen)
+the facts after those, so no reported fact was used to choose a value. Neighbourhood prompts the unedited model
+gets wrong hold no knowledge to keep and are dropped once, up front; a neighbour about a subject the stream has
+already edited for the same relation is left out and counted (``lethe.streams``).
 
 Every ``--every`` edits, all edits so far are scored: ``efficacy``, ``paraphrase``, ``neighborhood``
-(CounterFact protocol), ``general`` (greedy recall of up to 400 world facts whose subjects no edit of the
-stream touches, ``general_unedited`` on the unedited model) and ``seconds`` (editing time so far, without
-the evaluations). Each method starts from the unedited weights and uses its preset
-(``configs/edit/<method>_decoder.yaml``).
+(CounterFact protocol), ``general`` (and ``fact_recall`` for SmolLM2; the unedited model's values are
+``general_unedited`` / ``unedited``) and ``seconds`` (editing time so far, without the evaluations). Each method
+starts from the unedited weights and uses its preset (``configs/edit/<method>_{decoder,smollm2}.yaml``).
 
-Rollback (``--rollback K --rollback-at N``, AlphaEdit and MEMIT): after N edits, K edits chosen at random
+Rollback (``--rollback K --rollback-at N``, AlphaEdit, MEMIT and ROME): after N edits, K edits chosen at random
 (seeded) are rolled back from the running artifact (``EditArtifact.rollback``); the JSON reports the share
 of those facts whose true object wins again, the other edits' efficacy, and general ability, then the
 stream continues from the weights before the rollback.
 
-Writes ``benchmarks/results/sequential_editing.json`` and ``sequential_editing.png`` (the curves).
+Writes ``benchmarks/results/sequential_editing.json`` (one block per model, written after every method) and
+``sequential_editing.png`` / ``sequential_editing_smollm2.png`` (the curves).
 """
 
 from __future__ import annotations
@@ -44,25 +53,58 @@ from lethe import streams
 from lethe.edit_cli import build_editor
 from lethe.edits import EditArtifact
 from lethe.io import write_json
+from lethe.precision import autocast
 from lethe.presets import editor_preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("alphaedit", "memit", "ft", "rome")  # ROME, the slowest, last
 
 
-def stream_requests(loaded, n: int, seed: int, tune: bool) -> tuple[list, dict]:
+# per model: the requests, the stream length, the editing precision, what general ability is
+SETUPS = {
+    "lethe:world-decoder": {"source": "world:train", "n": 1000, "precision": "32",
+                            "general_metric": "greedy recall of world facts whose subjects no edit touches"},
+    "lethe:smollm2": {"source": "fact_bank", "n": 500, "precision": "bf16-mixed",
+                      "general_metric": "perplexity of 100 held-out Python-doc passages (fact_recall: greedy recall "
+                                        "of the bank's facts whose subjects no edit touches)"},
+}
+
+
+def stream_requests(loaded, source: str, n: int, seed: int, tune: bool) -> tuple[list, list, dict]:
+    """(stream, every known fact, info): the evaluation stream or the tuning stream after it (module docstring)."""
     from editing_memit import spread_over_relations
 
     from lethe.sources import load_requests
 
-    pool = load_requests("world:train", seed=seed)
+    pool = load_requests(source, seed=seed)
     known = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, pool)["efficacy_per_case"]
     usable = spread_over_relations([r for r, e in zip(pool, known) if e == 0.0])
     stream = usable[n:2 * n] if tune else usable[:n]  # the tuning stream may be shorter (the facts left)
     if len(stream) < (1 if tune else n):
-        raise SystemExit(f"only {len(stream)} known facts for a stream of {n} (the world knows {len(usable)})")
+        raise SystemExit(f"only {len(stream)} known facts for a stream of {n} ({source} has {len(usable)})")
     stream, unknown = ev.known_neighbours_only(loaded.model, loaded.tokenizer, loaded.family, stream)
-    return streams.check_stream(stream, 1), {"known_facts": len(usable), "neighbour_prompts_unknown_left_out": unknown}
+    return (streams.check_stream(stream, 1), usable,
+            {"source": source, "known_facts": len(usable), "neighbour_prompts_unknown_left_out": unknown})
+
+
+def general_for(model: str, stream: list, usable: list):
+    """(general-ability function, what it scores) for a model's stream (module docstring)."""
+    if model == "lethe:smollm2":
+        from lethe.covariance import pydoc_texts
+
+        texts = pydoc_texts()[-100:]
+        facts = streams.untouched_facts(usable, stream)
+
+        def general(m):
+            return {"general": streams.perplexity(m, texts), "fact_recall": streams.recall(m, facts)}
+
+        return general, {"general_texts": len(texts), "general_facts": len(facts)}
+    pairs = streams.untouched_world_facts(stream)
+
+    def general(m):
+        return streams.recall(m, pairs)
+
+    return general, {"general_facts": len(pairs)}
 
 
 def editor_for(method: str, model: str, cache_dir: str | None):
@@ -91,7 +133,8 @@ def rollback_probe(loaded, total: EditArtifact, stream: list, k: int, seed: int,
            # the unedited model preferred each true object: efficacy 0 = all of them restored
            "restored_share": round(1.0 - back["efficacy"], 4),
            "others_efficacy": round(rest["efficacy"], 4), "others_paraphrase": round(rest["paraphrase"], 4),
-           "general": round(general(loaded), 4), "seconds": round(secs, 3)}
+           **{k: round(v, 4) for k, v in streams.general_scores(general, loaded).items()},
+           "seconds": round(secs, 3)}
     with torch.no_grad():
         for n, t0 in saved.items():
             params[n].copy_(t0)
@@ -115,7 +158,8 @@ def run_method(method: str, loaded, stream: list, args, general, original: dict)
     secs = 0.0
     for s in range(0, len(stream), args.batch):
         t = time.perf_counter()
-        arts.append(editor.edit(loaded, stream[s:s + args.batch]))
+        with autocast(args.precision):
+            arts.append(editor.edit(loaded, stream[s:s + args.batch]))
         secs += time.perf_counter() - t
         done = s + args.batch
         if done % args.every == 0 or done >= len(stream):
@@ -136,9 +180,9 @@ def run_method(method: str, loaded, stream: list, args, general, original: dict)
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lethe:world-decoder")
+    parser.add_argument("--models", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--n", type=int, default=1000, help="edits in the stream")
+    parser.add_argument("--n", type=int, default=None, help="edits in the stream (default: the model's, SETUPS)")
     parser.add_argument("--batch", type=int, default=50, help="edits per editor call")
     parser.add_argument("--every", type=int, default=100, help="score all edits so far every this many edits")
     parser.add_argument("--seed", type=int, default=1)
@@ -149,44 +193,56 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(RESULTS / "sequential_editing.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    torch.manual_seed(args.seed)
-    from lethe.models import load_model
-
-    t0 = time.perf_counter()
-    loaded = load_model(args.model)
-    stream, info = stream_requests(loaded, args.n, args.seed, args.tune)
-    pairs = streams.untouched_world_facts(stream)
-
-    def general(m):
-        return streams.recall(m, pairs)
-
-    original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    unedited = streams.stream_row(loaded, stream, general)
-    print(f"[unedited] {unedited}", file=sys.stderr, flush=True)
-    key = args.model.removeprefix("lethe:").replace("-", "_")
     out = Path(args.out)
-    methods: dict = {}
-    for m in args.methods.split(","):
-        methods[m] = run_method(m, loaded, stream, args, general, original)
-        result = summary(args, key, info, pairs, unedited, methods, t0)
-        if not args.tune:  # after every method, so a long run keeps what it has measured
-            write_json(out, {**(json.loads(out.read_text()) if out.is_file() else {}), **result})
-    if not args.tune:
-        streams.plot_stream({m: r["rows"] for m, r in methods.items()}, out.with_suffix(".png"),
-                            title=f"{args.model}: {args.n} sequential edits in batches of {args.batch}",
-                            reference={"general": unedited["general"]})
+    result: dict = {}
+    for model in args.models.split(","):
+        if model not in SETUPS:
+            raise SystemExit(f"--models: unknown model {model!r} (known: {', '.join(SETUPS)})")
+        result.update(run_model(model, args, out))
     print(json.dumps(result))
     return result
 
 
-def summary(args, key, info, pairs, unedited, methods, t0) -> dict:
+def run_model(model: str, args, out: Path) -> dict:
+    from lethe.models import load_model
+
+    setup = SETUPS[model]
+    margs = argparse.Namespace(**{**vars(args), "model": model, "n": args.n or setup["n"],
+                                  "precision": setup["precision"]})
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(model)
+    stream, usable, info = stream_requests(loaded, setup["source"], margs.n, args.seed, args.tune)
+    general, general_info = general_for(model, stream, usable)
+    info.update(general_info, general_metric=setup["general_metric"], precision=setup["precision"])
+    original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    unedited = streams.stream_row(loaded, stream, general)
+    print(f"[{model} unedited] {unedited}", file=sys.stderr, flush=True)
+    key = model.removeprefix("lethe:").replace("-", "_")
+    methods: dict = {}
+    result: dict = {}
+    for m in args.methods.split(","):
+        methods[m] = run_method(m, loaded, stream, margs, general, original)
+        result = summary(margs, key, info, unedited, methods, t0)
+        if not args.tune:  # after every method, so a long run keeps what it has measured
+            write_json(out, {**(json.loads(out.read_text()) if out.is_file() else {}), **result})
+    png = out.with_suffix(".png") if key == "world_decoder" else out.with_name(f"{out.stem}_{key}.png")
+    if not args.tune:
+        streams.plot_stream({m: r["rows"] for m, r in methods.items()}, png,
+                            title=f"{model}: {margs.n} sequential edits in batches of {args.batch}",
+                            reference={k: unedited[k] for k in ("general", "fact_recall") if k in unedited})
+    return result
+
+
+def summary(args, key, info, unedited, methods, t0) -> dict:
+    extra = {k: round(v, 4) for k, v in unedited.items() if k not in ("general", "n_edits") and k in
+             ("fact_recall",)}
     return {key: {"model": args.model, "stream": "tuning" if args.tune else "evaluation", "n_edits": args.n,
-                    "batch_size": args.batch, "every": args.every, "seed": args.seed, **info,
-                    "general_metric": "greedy recall of world facts whose subjects no edit touches",
-                    "general_facts": len(pairs), "general_unedited": round(unedited["general"], 4),
-                    "unedited": {k: unedited[k] for k in ("efficacy", "paraphrase", "neighborhood")},
-                    "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
-                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}}
+                  "batch_size": args.batch, "every": args.every, "seed": args.seed, **info,
+                  "general_unedited": round(unedited["general"], 4),
+                  "unedited": {**{k: unedited[k] for k in ("efficacy", "paraphrase", "neighborhood")}, **extra},
+                  "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}}
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ The relation is ``request.relation`` where the source names one, else the prompt
 their neighbourhoods and on general ability. A neighbourhood prompt about a subject the stream has
 itself edited for the same relation is meant to change, so it cannot show bleed: it is left out and
 counted (``neighbour_prompts_left_out``), the rule ``benchmarks/editing_memit.py`` and ``lethe edit``
-apply. General ability is scored on facts whose subjects no edit of the stream touches
-(``untouched_world_facts``), by a function the caller picks.
+apply. General ability is scored by a function the caller picks: recall of facts whose subjects no edit of
+the stream touches (``untouched_world_facts``, ``untouched_facts``), perplexity of held-out text
+(``perplexity``), or both.
 
 ``plot_stream`` draws the curves (one panel per metric, one line per method).
 """
@@ -27,7 +28,7 @@ from lethe import evaluation as ev
 from lethe import lm
 from lethe.records import EditRequest
 
-STREAM_METRICS = ("efficacy", "paraphrase", "neighborhood", "general")
+STREAM_METRICS = ("efficacy", "paraphrase", "neighborhood", "general", "fact_recall")
 
 
 class StreamError(ValueError):
@@ -84,16 +85,46 @@ def recall(loaded, pairs: Sequence[tuple[str, str]]) -> float:
     return float(hits.float().mean())
 
 
-def stream_row(loaded, edited: Sequence[EditRequest], general: Callable[[object], float] | None = None,
+def untouched_facts(pool: Sequence[EditRequest], stream: Sequence[EditRequest]) -> list[tuple[str, str]]:
+    """(rewrite prompt, true object) of the facts of ``pool`` whose subjects no edit of ``stream`` touches."""
+    edited = {r.subject for r in stream}
+    return [(r.rewrite_prompt, r.target_true) for r in pool if r.subject not in edited]
+
+
+def perplexity(loaded, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> float:
+    """exp(mean token NLL) of the model over ``texts`` (every token a target; ``lethe.metrics.Perplexity``)."""
+    import torch
+
+    from lethe.metrics import Perplexity
+
+    ppl = Perplexity()
+    device = next(loaded.model.parameters()).device
+    with torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            batch = lm.to_device(lm.encode_texts(loaded.tokenizer, loaded.family, texts[s:s + batch_size],
+                                                 max_length), device)
+            ppl.update(lm.forward_logits(loaded.model, batch, loaded.family), batch["labels"], loaded.family)
+    return float(ppl.compute())
+
+
+def general_scores(general: Callable[[object], float | dict] | None, loaded) -> dict:
+    """``general(loaded)`` as row entries: a number is ``general``; a dict (``general`` and more) as it is."""
+    if general is None:
+        return {}
+    g = general(loaded)
+    return dict(g) if isinstance(g, dict) else {"general": g}
+
+
+def stream_row(loaded, edited: Sequence[EditRequest], general: Callable[[object], float | dict] | None = None,
                batch_size: int = 64) -> dict:
-    """Scores after the edits ``edited`` (all edits so far, in order): see the module docstring."""
+    """Scores after the edits ``edited`` (all edits so far, in order): see the module docstring. ``general``
+    returns a number (the row's ``general``) or a dict of general-ability entries (``general`` among them)."""
     reqs, left_out = ev.without_edited_neighbours(edited)
     cf = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, reqs, batch_size=batch_size)
     row = {"n_edits": len(edited), **{k: cf[k] for k in ("efficacy", "paraphrase", "neighborhood")},
            "neighbour_prompts_left_out": left_out,
            "neighbour_prompts_scored": sum(len(r.neighborhood_prompts) for r in reqs)}
-    if general is not None:
-        row["general"] = general(loaded)
+    row.update(general_scores(general, loaded))
     return row
 
 

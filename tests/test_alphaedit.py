@@ -377,3 +377,30 @@ def test_edit_prompts_write_the_edit_at_further_phrasings(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(records))
     with pytest.raises(RecordError, match=r"record 0: field 'edit_prompts\[0\]'"):
         read_counterfact(tmp_path / "bad.json")
+
+
+def test_stream_general_ability_perplexity_and_untouched_fact_recall():
+    """The SmolLM2 stream's general ability: perplexity is exp of the mean token NLL over all texts (tokens, not
+    sequences), it rises when the model's weights are damaged, and a dict of entries lands in the stream row; the
+    untouched facts are those of the pool whose subjects no edit touches."""
+    from lethe import lm
+    from lethe.streams import perplexity, untouched_facts
+
+    loaded = tiny()
+    texts = TEXTS[:10]
+    batch = lm.encode_texts(loaded.tokenizer, loaded.family, texts, 128)
+    with torch.no_grad():
+        logp, mask = lm.token_logprobs(lm.forward_logits(loaded.model, batch, loaded.family), batch["labels"],
+                                       loaded.family)
+    expect = float(torch.exp(-logp.sum() / mask.sum()))
+    assert perplexity(loaded, texts, batch_size=3) == pytest.approx(expect, rel=1e-5)
+    before = perplexity(loaded, texts)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert perplexity(loaded, texts) > before
+
+    pool = [request(0), request(1), request(2, subject="w9 w44")]
+    assert untouched_facts(pool, [request(0)]) == [(r.rewrite_prompt, "w11") for r in pool[1:]]
+    row = stream_row(loaded, [request(0)], lambda m: {"general": 1.5, "fact_recall": 0.25})
+    assert row["general"] == 1.5 and row["fact_recall"] == 0.25 and row["n_edits"] == 1
