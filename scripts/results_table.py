@@ -124,8 +124,13 @@ def rows() -> list[tuple[str, str, str, str]]:
                 if not r.get("rows"):
                     continue
                 last = r["rows"][-1]
-                figures = (f"{_epn(last)}; untouched recall {_f(last.get('general'))} "
-                           f"(unedited {_f(block['general_unedited'])})")
+                if "fact_recall" in block["unedited"]:  # SmolLM2: general is held-out perplexity
+                    figures = (f"{_epn(last)}; perplexity {last['general']:.2f} (unedited "
+                               f"{block['general_unedited']:.2f}), untouched-fact recall {_f(last.get('fact_recall'))} "
+                               f"(unedited {_f(block['unedited']['fact_recall'])})")
+                else:
+                    figures = (f"{_epn(last)}; untouched recall {_f(last.get('general'))} "
+                               f"(unedited {_f(block['general_unedited'])})")
                 if r.get("rollback"):
                     rb = r["rollback"]
                     figures += (f"; rollback of {rb['rolled_back']} at {rb['n_edits']}: {_f(rb['restored_share'])} "
