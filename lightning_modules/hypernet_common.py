@@ -51,6 +51,14 @@ SUCCESS_METRICS = ("edit_success", "efficacy")
 class HypernetModule(ModelModule):
     """Trains a ``HyperNet`` on batches of edit requests; the base model stays frozen (and in eval mode).
 
+    ``success_floor`` / ``success_metric``: the validation success a checkpoint needs before its neighbourhood
+    score selects it, measured as ``edit_success`` (greedy decoding yields the new object) or ``efficacy``
+    (CounterFact: the edited model prefers the new object to the true one, the benchmarks' efficacy).
+    ``c_rival``: weight of a neighbour-margin loss beside the papers' (0, the default, is the papers' loss): on each
+    training request's neighbour prompts, how far the edit lowers NLL(new object) - NLL(true object) below the
+    unedited model's. The KL barely sees a rival object whose probability rises from 1% to 5%, and that is what
+    flips a CounterFact neighbour whose true object had 4%.
+
     Each training batch is a list of requests, cut into groups of ``edits_per_step`` requests that are
     edited jointly; every group is one independent edit of the original model, and the loss is the mean
     over groups (so N processes with batch B/N give the gradient of one process with batch B).

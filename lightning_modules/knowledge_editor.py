@@ -29,14 +29,9 @@ class KnowledgeEditorModule(HypernetModule):
         smoothing: label smoothing of the NLL whose gradient conditions the update and of the edit loss.
         lr: Adam learning rate of the hypernetwork; lr_lagrange: of the multiplier λ (gradient ascent).
         margin_max / margin_min / margin_steps: the KL margin, shrinking linearly over training steps.
-        success_floor / success_metric: the validation success a checkpoint needs before its neighbourhood score
-            selects it, measured as ``edit_success`` (greedy decoding yields the new object) or ``efficacy``
-            (CounterFact: the edited model prefers the new object to the true one, the benchmarks' efficacy).
+        success_floor / success_metric / c_rival: the checkpoint selection's floor and the optional neighbour-margin
+            loss, shared by the hypernetwork editors (see ``HypernetModule``).
         lr_decay: both learning rates fall linearly to zero at the last step (steadier late training).
-        c_rival: weight of a neighbour-margin loss beside the paper's (0, the default, is the paper's loss): on each
-            training request's neighbour prompts, how far the edit lowers NLL(new object) - NLL(true object) below
-            the unedited model's. The KL barely sees a rival object whose probability rises from 1% to 5%, and that
-            is what flips a CounterFact neighbour whose true object had 4%.
     """
 
     method = "ke"

@@ -29,14 +29,9 @@ class MENDModule(HypernetModule):
         c_edit / c_loc: loss weights of the edit NLL and the locality KL (paper 0.1 / 1.0).
         edits_per_step: requests edited jointly in one training edit (batched editing).
         max_length: longest encoded edit (default: the model's context).
-        success_floor / success_metric: the validation success a checkpoint needs before its neighbourhood score
-            selects it, measured as ``edit_success`` (greedy decoding yields the new object) or ``efficacy``
-            (CounterFact: the edited model prefers the new object to the true one, the benchmarks' efficacy).
+        success_floor / success_metric / c_rival: the checkpoint selection's floor and the optional neighbour-margin
+            loss, shared by the hypernetwork editors (see ``HypernetModule``).
         lr_decay: both learning rates fall linearly to zero at the last step (steadier late training).
-        c_rival: weight of a neighbour-margin loss beside the paper's (0, the default, is the paper's loss): on each
-            training request's neighbour prompts, how far the edit lowers NLL(new object) - NLL(true object) below
-            the unedited model's. The KL barely sees a rival object whose probability rises from 1% to 5%, and that
-            is what flips a CounterFact neighbour whose true object had 4%.
     """
 
     method = "mend"
