@@ -235,8 +235,7 @@ def run_model(model: str, args, out: Path) -> dict:
 
 
 def summary(args, key, info, unedited, methods, t0) -> dict:
-    extra = {k: round(v, 4) for k, v in unedited.items() if k not in ("general", "n_edits") and k in
-             ("fact_recall",)}
+    extra = {"fact_recall": round(unedited["fact_recall"], 4)} if "fact_recall" in unedited else {}
     return {key: {"model": args.model, "stream": "tuning" if args.tune else "evaluation", "n_edits": args.n,
                   "batch_size": args.batch, "every": args.every, "seed": args.seed, **info,
                   "general_unedited": round(unedited["general"], 4),

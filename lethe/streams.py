@@ -92,19 +92,12 @@ def untouched_facts(pool: Sequence[EditRequest], stream: Sequence[EditRequest]) 
 
 
 def perplexity(loaded, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> float:
-    """exp(mean token NLL) of the model over ``texts`` (every token a target; ``lethe.metrics.Perplexity``)."""
-    import torch
+    """exp(mean token NLL) of the model over ``texts`` (every token a target): ``metrics.memorisation_scores``'s."""
+    from lethe.metrics import memorisation_scores
 
-    from lethe.metrics import Perplexity
-
-    ppl = Perplexity()
-    device = next(loaded.model.parameters()).device
-    with torch.no_grad():
-        for s in range(0, len(texts), batch_size):
-            batch = lm.to_device(lm.encode_texts(loaded.tokenizer, loaded.family, texts[s:s + batch_size],
-                                                 max_length), device)
-            ppl.update(lm.forward_logits(loaded.model, batch, loaded.family), batch["labels"], loaded.family)
-    return float(ppl.compute())
+    batches = (lm.encode_texts(loaded.tokenizer, loaded.family, texts[s:s + batch_size], max_length)
+               for s in range(0, len(texts), batch_size))
+    return memorisation_scores(loaded.model, batches, loaded.family, None, loaded.tokenizer.pad_token_id)["ppl"]
 
 
 def general_scores(general: Callable[[object], float | dict] | None, loaded) -> dict:
