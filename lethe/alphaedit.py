@@ -8,7 +8,11 @@ offers):
 
 - P = projector onto the null space of the preserved keys: the eigenvectors of C = E[k kᵀ]
   (lethe's covariance cache) whose eigenvalues are below ``nullspace_threshold`` (the reference's
-  absolute rule, 2e-2). A perturbation ΔW P leaves every preserved key's output alone.
+  absolute rule, 2e-2). A perturbation ΔW P leaves every preserved key's output alone. Being absolute, the
+  threshold does not carry over between models: the world decoder's C has eigenvalues up to ~98 (3.0 leaves
+  95-99% of its 512 directions null), SmolLM2's up to 0.4-2.0 (3.0 leaves all 1536: P = I). Each artifact
+  records ``meta["null_space"]`` (layer -> null dimension, key dimension, largest eigenvalue), and a threshold
+  above every eigenvalue warns.
 - G = Σ k kᵀ over the keys of the edits made earlier in the stream (this editor's own calls, or
   the artifact a resumed run starts from), so a new batch does not overwrite them either.
 - Preserved facts (optional, ``preserve_source`` / ``preserve_weight`` β): C + β·mean k kᵀ over the keys, at
@@ -30,6 +34,7 @@ are ``configs/edit/alphaedit_*.yaml``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,11 +60,16 @@ def hparams_from(spec: AlphaEditHyperParams | dict | str | None = None, **overri
     return resolve_hparams(AlphaEditHyperParams, "alphaedit", spec, **overrides)
 
 
-def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U_s U_sᵀ over the eigenvectors of the symmetric ``cov`` whose eigenvalues are < ``threshold``."""
+def null_space(cov: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, eigenvalues of ``cov``): P = U_s U_sᵀ over the eigenvectors of the symmetric ``cov`` whose eigenvalues
+    are < ``threshold``."""
     evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
     u = evecs[:, evals < threshold]
-    return u @ u.T
+    return u @ u.T, evals
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    return null_space(cov, threshold)[0]
 
 
 def alphaedit_directions(keys: torch.Tensor, projector: torch.Tensor, gram: torch.Tensor | None,
@@ -86,6 +96,22 @@ class AlphaEditEditor(MEMITEditor):
         self.stream_subjects: set[str] = set()  # subjects edited so far (left out of the preserved facts)
         self._batch_subjects: set[str] = set()
         self._preserved: dict[tuple, tuple[list[str], torch.Tensor]] = {}
+        # layer -> [null-space dimension, key dimension, largest eigenvalue] of the last P built (artifact meta)
+        self.null_space_dims: dict[int, list] = {}
+
+    def _null_space(self, cov: torch.Tensor, layer: int) -> torch.Tensor:
+        """P for ``layer``; records its dimension and warns (once per layer) when it is the whole key space."""
+        thr = self.hp.nullspace_threshold
+        p, evals = null_space(cov, thr)
+        nullity, largest = int((evals < thr).sum()), float(evals.max())
+        if nullity == len(evals) and self.null_space_dims.get(layer, [None])[0] != nullity:
+            warnings.warn(f"AlphaEdit: nullspace_threshold {thr:g} is above every eigenvalue of the preserved-key "
+                          f"covariance at layer {layer} (the largest is {largest:.3g}), so the null space is the "
+                          f"whole key space, P is the identity and the update protects nothing preserved. The "
+                          f"threshold is absolute (the reference's rule) and does not carry over between models: "
+                          f"set editor_args.hparams.nullspace_threshold well below {largest:.3g}.", stacklevel=3)
+        self.null_space_dims[layer] = [nullity, len(evals), round(largest, 6)]
+        return p
 
     def preserved_keys(self, loaded, layer: int) -> tuple[list[str], torch.Tensor]:
         """(subjects, keys n × in) of the preserved facts at ``layer``, computed once on the model as first seen."""
@@ -111,14 +137,14 @@ class AlphaEditEditor(MEMITEditor):
         if not (hp.preserve_source and hp.preserve_weight):
             key = (id(unwrap(loaded.model)), layer, hp.nullspace_threshold)
             if key not in self._projectors:
-                self._projectors[key] = null_space_projector(self.covariance(loaded, layer), hp.nullspace_threshold)
+                self._projectors[key] = self._null_space(self.covariance(loaded, layer), layer)
             return self._projectors[key]
         subjects, keys = self.preserved_keys(loaded, layer)
         edited = self.stream_subjects | self._batch_subjects
         keep = torch.tensor([s not in edited for s in subjects])
         k = keys[keep]
         cov = self.covariance(loaded, layer).to(torch.float64) + hp.preserve_weight * (k.T @ k) / max(len(k), 1)
-        return null_space_projector(cov, hp.nullspace_threshold)
+        return self._null_space(cov, layer)
 
     def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         name = f"{loaded.adapter.mlp_out_name(layer, self.hp.stack)}.weight"
@@ -140,6 +166,8 @@ class AlphaEditEditor(MEMITEditor):
             art = super().edit(loaded, requests)
         finally:
             self._batch_subjects = set()
+        if art is not None:
+            art.meta["null_space"] = {str(layer): list(v) for layer, v in self.null_space_dims.items()}
         self._add_keys(art, +1)
         return art
 
