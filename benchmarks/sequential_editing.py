@@ -27,7 +27,9 @@ starts from the unedited weights and uses its preset (``configs/edit/<method>_{d
 Rollback (``--rollback K --rollback-at N``, AlphaEdit, MEMIT and ROME): after N edits, K edits chosen at random
 (seeded) are rolled back from the running artifact (``EditArtifact.rollback``); the JSON reports the share
 of those facts whose true object wins again, the other edits' efficacy, and general ability, then the
-stream continues from the weights before the rollback.
+stream continues from the weights before the rollback. ``rollback.repaired`` holds the same figures for the
+same edits rolled back with ``repair=True`` (``EditArtifact.rollback``: the remaining edits' change at the
+rolled-back keys undone by a least-squares correction that holds the remaining edits' keys).
 
 Writes ``benchmarks/results/sequential_editing.json`` (one block per model, written after every method) and
 ``sequential_editing.png`` / ``sequential_editing_smollm2.png`` (the curves).
@@ -122,22 +124,28 @@ def rollback_probe(loaded, total: EditArtifact, stream: list, k: int, seed: int,
     edits = [r for r in stream if r.case_id in done]
     chosen = sorted(random.Random(seed).sample(range(len(edits)), k))
     ids = [edits[i].case_id for i in chosen]
-    t = time.perf_counter()
-    left = total.rollback(loaded.model, total.find(ids))
-    secs = time.perf_counter() - t
     others = [r for r in edits if r.case_id not in set(ids)]
-    back = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, [edits[i] for i in chosen])
-    rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, others)
-    out = {"n_edits": len(edits), "rolled_back": k, "rolled_back_case_ids": ids,
-           "rows_rolled_back": len(total.requests) - len(left.requests),
-           # the unedited model preferred each true object: efficacy 0 = all of them restored
-           "restored_share": round(1.0 - back["efficacy"], 4),
-           "others_efficacy": round(rest["efficacy"], 4), "others_paraphrase": round(rest["paraphrase"], 4),
-           **{k: round(v, 4) for k, v in streams.general_scores(general, loaded).items()},
-           "seconds": round(secs, 3)}
-    with torch.no_grad():
-        for n, t0 in saved.items():
-            params[n].copy_(t0)
+
+    def probe(repair: bool) -> dict:
+        t = time.perf_counter()
+        left = total.rollback(loaded.model, total.find(ids), repair=repair)
+        secs = time.perf_counter() - t
+        back = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, [edits[i] for i in chosen])
+        rest = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, others)
+        row = {"rows_rolled_back": len(total.requests) - len(left.requests),
+               # the unedited model preferred each true object: efficacy 0 = all of them restored
+               "restored_share": round(1.0 - back["efficacy"], 4),
+               "others_efficacy": round(rest["efficacy"], 4), "others_paraphrase": round(rest["paraphrase"], 4),
+               **{g: round(v, 4) for g, v in streams.general_scores(general, loaded).items()},
+               "seconds": round(secs, 3)}
+        with torch.no_grad():
+            for n, t0 in saved.items():
+                params[n].copy_(t0)
+        return row
+
+    out = {"n_edits": len(edits), "rolled_back": k, "rolled_back_case_ids": ids, **probe(False)}
+    if all("k" in f for f in total.factors.values()):
+        out["repaired"] = probe(True)  # EditArtifact.rollback(repair=True): the remaining edits' leak undone
     return out
 
 
@@ -174,7 +182,9 @@ def run_method(method: str, loaded, stream: list, args, general, original: dict)
     hp = getattr(editor, "hp", None)
     import dataclasses
 
-    return {"preset": preset, "hparams": dataclasses.asdict(hp) if hp is not None else None, "rows": rows,
+    # AlphaEdit: layer -> [null-space dimension, key dimension, largest eigenvalue of C] at the last call
+    null = {"null_space": {str(k): v for k, v in editor.null_space_dims.items()}} if hasattr(editor, "null_space_dims") else {}
+    return {"preset": preset, "hparams": dataclasses.asdict(hp) if hp is not None else None, "rows": rows, **null,
             **({"rollback": rollback} if rollback else {})}
 
 

@@ -220,7 +220,8 @@ class EditArtifact:
         return sorted({i for c in wanted for i in by_id[c]})
 
     @torch.no_grad()
-    def rollback(self, model: nn.Module, rows: Sequence[int]) -> EditArtifact:
+    def rollback(self, model: nn.Module, rows: Sequence[int], repair: bool = False,
+                 ridge: float = 1e-2) -> EditArtifact:
         """Take back the edits at ``rows`` (indices into ``requests``; ``find`` maps case ids) from ``model``,
         in place, leaving every other edit: their rank-one parts are subtracted from the parameters.
         Returns the artifact of what remains (its deltas, requests and factors without those rows).
@@ -230,7 +231,15 @@ class EditArtifact:
         model that held the rolled-back ones (their keys and residuals saw it) or when two edits' keys
         overlap; the closer the edits' keys are to orthogonal (AlphaEdit constrains this), the closer the
         rolled-back facts come back. Artifacts without factors (MEND, KE, KN, fine-tuning) cannot split
-        a batch: revert the whole artifact instead."""
+        a batch: revert the whole artifact instead.
+
+        ``repair``: then also undo what the remaining edits still change at the rolled-back edits' keys. Per
+        edited matrix, the remaining delta D moves each rolled-back key k_j's output by D k_j; a least-squares
+        correction F (rank <= the rows rolled back) puts those outputs back to the unedited ones,
+        F k_j = -D k_j, while holding the remaining edits' keys: minimise ||F K_J^T + D K_J^T||^2 +
+        ||F K_o^T||^2 + ridge * mean(diag M) * ||F||^2 (M = K_J^T K_J + K_o^T K_o). Needs the per-edit keys
+        (ROME, MEMIT, AlphaEdit artifacts). F joins the deltas but no edit's factors (``meta.repaired`` lists
+        the case ids), so a later rollback leaves it in place."""
         rows = sorted({int(r) for r in rows})
         if not rows:
             return self
@@ -240,6 +249,13 @@ class EditArtifact:
         if not self.factors or set(self.factors) != set(self.deltas):
             raise EditArtifactError(f"this {self.method} artifact has no per-edit factors, so single edits cannot be "
                                     "rolled back; revert the whole artifact (or its batch) instead")
+        if repair and not ridge >= 0:
+            raise EditArtifactError(f"rollback: ridge must be >= 0, got {ridge}")
+        if repair:
+            keyless = [n for n, f in self.factors.items() if "k" not in f]
+            if keyless:
+                raise EditArtifactError(f"this {self.method} artifact keeps no per-edit keys for {keyless}, so "
+                                        "rollback cannot repair; roll back without repair")
         self.check(model)
         params = _params(model)
         keep = [i for i in range(len(self.requests)) if i not in set(rows)]
@@ -248,13 +264,32 @@ class EditArtifact:
             part = self.part(name, rows)
             params[name].sub_(part.to(params[name].device, params[name].dtype))
             deltas[name] = delta - part
+            if repair:
+                fix = self._repair(name, deltas[name], rows, keep, ridge)
+                params[name].add_(fix.to(params[name].device, params[name].dtype))
+                deltas[name] = deltas[name] + fix
         idx = torch.as_tensor(keep, dtype=torch.long)
         factors = {n: {k: t[idx] for k, t in f.items()} for n, f in self.factors.items()}
         meta = {**self.meta, "rolled_back": [*self.meta.get("rolled_back", []),
                                              *[request_to_dict(self.requests[r]) for r in rows]]}
+        if repair:
+            meta["repaired"] = [*self.meta.get("repaired", []),
+                                *dict.fromkeys(str(self.requests[r].case_id) for r in rows)]
         out = EditArtifact(self.method, self.model_source, deltas, [self.requests[i] for i in keep], meta,
                            dict(self.base_fingerprints), factors)
         return out
+
+    def _repair(self, name: str, remaining: torch.Tensor, rows: Sequence[int], keep: Sequence[int],
+                ridge: float) -> torch.Tensor:
+        """``rollback``'s correction F for parameter ``name`` (in the parameter's layout; see ``rollback``)."""
+        transposed = self.meta.get("factor_transposed", {}).get(name)
+        k = self.factors[name]["k"].double()
+        kj, ko = k[list(rows)], k[list(keep)]
+        d = remaining.double().T if transposed else remaining.double()  # (out, in)
+        m = kj.T @ kj + ko.T @ ko
+        m = m + ridge * float(m.diagonal().mean()) * torch.eye(m.shape[0], dtype=m.dtype)
+        fix = torch.linalg.solve(m, kj.T @ (-(d @ kj.T)).T).T  # F = R K_J M^-1, R = -D K_J^T; M symmetric
+        return (fix.T if transposed else fix).float()
 
     def norms(self) -> dict[str, float]:
         return {n: float(d.norm()) for n, d in self.deltas.items()}

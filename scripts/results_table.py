@@ -135,6 +135,9 @@ def rows() -> list[tuple[str, str, str, str]]:
                     rb = r["rollback"]
                     figures += (f"; rollback of {rb['rolled_back']} at {rb['n_edits']}: {_f(rb['restored_share'])} "
                                 f"restored, others {_f(rb['others_efficacy'])}")
+                    if rb.get("repaired"):
+                        figures += (f" (with repair: {_f(rb['repaired']['restored_share'])} restored, others "
+                                    f"{_f(rb['repaired']['others_efficacy'])})")
                 label = (f"Sequential editing: {method.upper()}, {last['n_edits']} edits in batches of "
                          f"{block['batch_size']} (final row)")
                 out.append((label,

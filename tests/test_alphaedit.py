@@ -118,6 +118,51 @@ def test_memit_artifact_factors_sum_to_its_deltas_and_roll_back_single_edits(tmp
     assert both.factors[next(iter(both.factors))]["u"].shape[0] == 8
 
 
+def test_rollback_with_repair_puts_the_rolled_back_keys_outputs_back_and_holds_the_others(tmp_path):
+    """A MEMIT stream of three sequential batches (keys not orthogonal): after a plain rollback of edit 1, the
+    remaining edits still move edit 1's keys' outputs; repair=True puts them back to the unedited outputs
+    (to the ridge) while the remaining edits' keys barely move, and the artifact says what was repaired.
+    No per-edit keys or a negative ridge are refused."""
+    lm_ = tiny()
+    ed = MEMITEditor(TINY_HP, cache_dir=str(tmp_path / "cov"), progress=False)
+    params = dict(lm_.model.named_parameters())
+    base = {n: p.detach().clone() for n, p in params.items()}
+    arts = [ed.edit(lm_, [request(i, prompt=f"w{20 + i} {{}} w{60 + i}") for i in batch])
+            for batch in ([0, 1], [2, 3], [4, 5])]
+    total = EditArtifact.combine(arts)
+    edited = {n: params[n].detach().clone() for n in total.deltas}
+    rows, keep = total.find([1]), [i for i in range(6) if i != 1]
+    gaps = {}
+    for repair in (False, True):
+        left = total.rollback(lm_.model, rows, repair=repair)
+        gap, moved = 0.0, 0.0
+        for name in total.deltas:
+            plain = edited[name].double() - total.part(name, rows).double()  # the parameter's own layout
+            w, w0, w1, fix = (t.T if total.meta["factor_transposed"][name] else t for t in (
+                params[name].detach().double(), base[name].double(), edited[name].double(),
+                params[name].detach().double() - plain))  # (out, in)
+            k = total.factors[name]["k"].double()
+            gap += float(((w - w0) @ k[rows].T).norm() / (w0 @ k[rows].T).norm())
+            if repair:  # the correction itself barely touches the remaining edits' keys
+                moved += float((fix @ k[keep].T).norm() / (w1 @ k[keep].T).norm())
+        gaps[repair] = gap
+        if repair:
+            assert moved < 0.05, moved
+            assert left.meta["repaired"] == ["1"] and [r.case_id for r in left.requests] == keep
+        with torch.no_grad():
+            for n, t in edited.items():
+                params[n].copy_(t)
+    assert gaps[False] > 0.1, gaps  # the other edits did move edit 1's keys
+    assert gaps[True] < 0.1 * gaps[False], gaps
+    with pytest.raises(EditArtifactError, match="ridge"):
+        total.rollback(lm_.model, rows, repair=True, ridge=-1.0)
+    keyless = EditArtifact.combine(arts)
+    keyless.factors = {n: {k: t for k, t in f.items() if k != "k"} for n, f in keyless.factors.items()}
+    with pytest.raises(EditArtifactError, match="no per-edit keys"):
+        keyless.rollback(lm_.model, rows, repair=True)
+    assert all(torch.equal(params[n], edited[n]) for n in edited)  # a refused rollback changes nothing
+
+
 def test_rome_has_factors_and_ft_refuses_single_rollback(tmp_path):
     from lethe.ft import FTEditor
     from lethe.rome import ROMEEditor
@@ -404,3 +449,29 @@ def test_stream_general_ability_perplexity_and_untouched_fact_recall():
     assert untouched_facts(pool, [request(0)]) == [(r.rewrite_prompt, "w11") for r in pool[1:]]
     row = stream_row(loaded, [request(0)], lambda m: {"general": 1.5, "fact_recall": 0.25})
     assert row["general"] == 1.5 and row["fact_recall"] == 0.25 and row["n_edits"] == 1
+
+
+def test_a_threshold_above_every_eigenvalue_warns_and_the_artifact_records_the_null_space(tmp_path):
+    """An absolute nullspace_threshold taken from another model can leave P = I (nothing preserved): that warns,
+    naming the layer and the largest eigenvalue, and every artifact says how large the null space was."""
+    lm_ = tiny()
+    reqs = [request(0)]
+    loose = AlphaEditEditor({**TINY_HP, "nullspace_threshold": 1e9}, cache_dir=str(tmp_path / "cov"),
+                            progress=False)
+    with pytest.warns(UserWarning, match=r"above every eigenvalue .* at layer 0 .*P is the identity"):
+        art = loose.edit(lm_, reqs)
+    art.revert(lm_.model)
+    dims, width, largest = art.meta["null_space"]["0"]
+    assert dims == width and 0 < largest < 1e9
+    largest_1 = art.meta["null_space"]["1"][2]
+    tight = AlphaEditEditor({**TINY_HP, "nullspace_threshold": 0.5 * min(largest, largest_1)},
+                            cache_dir=str(tmp_path / "cov"), progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        art2 = tight.edit(lm_, reqs)
+    art2.revert(lm_.model)
+    assert all(0 < d < w for d, w, _ in art2.meta["null_space"].values())
+    art2.save(tmp_path / "art")
+    assert EditArtifact.load(tmp_path / "art").meta["null_space"] == art2.meta["null_space"]
