@@ -354,6 +354,18 @@ def test_rollback_command_takes_single_edits_out_of_a_run(tmp_path):
     assert [r.case_id for r in EditArtifact.load(run / "edit_artifact").requests] == [0, 2, 3, 5, 6, 7]
     cases = json.loads((run / "edit_results.json").read_text())["cases"]
     assert [c["case_id"] for c in cases] == [0, 2, 3, 5, 6, 7]
+    # --repair: the artifact and the saved model both hold the correction, and the artifact says so
+    before = EditArtifact.load(run / "edit_artifact")
+    out = rollback([str(run), "--case-ids", "3", "--repair"])
+    assert out["repaired"] is True and out["rolled_back"] == [3]
+    left = EditArtifact.load(run / "edit_artifact")
+    assert left.meta["repaired"] == ["3"] and [r.case_id for r in left.requests] == [0, 2, 5, 6, 7]
+    edited = load_file(str(run / "edited_model" / "model.safetensors"))
+    for name in before.deltas:
+        assert torch.allclose(edited[name], base[name] + left.deltas[name], atol=1e-5), name
+        # not a plain rollback: the correction is in the deltas
+        assert not torch.allclose(left.deltas[name], before.deltas[name] - before.part(name, before.find([3])),
+                                  atol=1e-7), name
 
 
 def test_locality_leaves_out_neighbours_edited_earlier_in_the_stream():
