@@ -148,6 +148,48 @@ def fit_preset(method: str, args) -> tuple[Path, float | None]:
     return root / f"{method}_smollm2", time.perf_counter() - t0
 
 
+def editor_cache(method: str, preset: str) -> Path:
+    """Where the editor a shipped preset trains is kept between benchmarks: lethe's cache, under the preset's name
+    and a hash of its text (an edited preset trains a new editor)."""
+    import hashlib
+
+    from lethe.io import cache_root
+
+    text = (ROOT / preset).read_bytes()
+    return cache_root() / "editors" / f"{Path(preset).stem}-{hashlib.sha256(text).hexdigest()[:10]}"
+
+
+def preset_editor(method: str, preset: str, from_run: str | None = None) -> tuple[Path, dict]:
+    """The exported editor of a ``lethe fit`` run of ``preset``, and where it came from: ``from_run`` (which must be
+    a run of the preset as shipped; it is then cached), else the cached one, else a fresh fit (minutes to most of
+    an hour for SmolLM2), cached for the next benchmark. The info holds the fit's own seconds when known, and
+    ``"editor"``: ``"trained here"``, ``"from run"`` or ``"cached"`` (only a fresh fit counts in this run's time)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from lethe.io import atomic_path
+
+    cached = editor_cache(method, preset)
+
+    def fit_seconds(folder: Path):
+        return json.loads((folder / "editor.json").read_text())["lethe_editor"].get("training", {}).get("fit_seconds")
+
+    if from_run is None and (cached / "editor.json").is_file():
+        return cached, {"editor": "cached", "train_seconds": fit_seconds(cached)}
+    args = argparse.Namespace(from_run=from_run, preset=preset, out=None, quick=False)
+    run, fit_s = fit_preset(method, args)
+    if not same_as_preset(yaml.safe_load((run / "config.yaml").read_text()), preset):
+        raise SystemExit(f"{run}: not a run of {preset} as shipped (its config.yaml differs in model, data or "
+                         "trainer values); train it with `lethe fit --config` and the preset unchanged")
+    with atomic_path(cached, is_dir=True) as tmp:
+        shutil.copytree(run / "editor", tmp, dirs_exist_ok=True)
+    if fit_s is None:
+        return cached, {"editor": "from run", "train_seconds": fit_seconds(cached)}
+    return cached, {"editor": "trained here", "train_seconds": round(fit_s, 1)}
+
+
 def validation_curve(run: Path) -> list[dict]:
     """The run's validation rows (metrics.csv): the steps trained before it (the CSV's step column is Lightning's
     count of batches before the last one, one lower) and every ``val/`` value."""
@@ -187,6 +229,9 @@ def run_preset(method: str, args) -> dict:
 
     run, fit_s = fit_preset(method, args)
     preset = yaml.safe_load((run / "config.yaml").read_text())
+    preset_name = (args.preset or SMOLLM2_ARGS["preset"]).format(method=method)
+    if fit_s is not None and not args.quick and same_as_preset(preset, preset_name):
+        preset_editor(method, preset_name, str(run))  # kept for benchmarks/edit_robustness.py
     data = EditTrainingDataModule(**{k: v for k, v in preset["data"]["init_args"].items()})
     data.setup()
     info = json.loads((run / "editor" / "editor.json").read_text())

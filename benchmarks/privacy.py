@@ -6,6 +6,7 @@ folders under ``--runs``; a missing one is run first, as ``benchmarks/tofu.py`` 
 - ``mia_auc``: each attack's ROC-AUC of the forget split's questions (members of the target's training set)
   against the questions of two TOFU authors no model here trained on (``tofu:full[100:102]``);
 - ``privleak``: MUSE's relative difference of that AUC to the retain model's, per attack;
+- every forget ROUGE-L below is of greedy answers generated under bf16 autocast (the weights stay float32);
 - ``relearn_10`` / ``relearn_50``: forget ROUGE-L recall on the odd half of the forget questions after 10 / 50
   AdamW steps (lr 5e-5, batch 4, bf16-mixed) on the even half (``relearn_half_before``: before);
 - ``quant_8bit`` / ``quant_4bit``: forget ROUGE-L after round-to-nearest weight quantisation (group 128);
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 "lr": settings.relearn_lr, "batch_size": settings.relearn_batch_size,
                                 "precision": "bf16-mixed", "train": "even forget questions",
                                 "scored": "odd forget questions"},
+                                "scoring": f"ROUGE-L recall of greedy answers ({settings.max_new_tokens} new tokens) "
+                                           "generated under bf16 autocast (float32 weights); MIA statistics in "
+                                           "float32",
                                 "quantize": {"bits": list(settings.quant_bits), "group_size": settings.group_size,
                                              "scheme": "symmetric round-to-nearest, per output channel and group, "
                                                        "every linear layer but the output head"},

@@ -79,7 +79,9 @@ def build_parser():
     p.add_argument("--group-size", type=int, default=128, help="quantisation: inputs per scale")
     p.add_argument("--survive-tolerance", type=float, default=0.05,
                    help="forgetting survived an attack when the forget score rose by less than this")
-    p.add_argument("--precision", type=str, default="32", help="32 or bf16-mixed (relearning steps)")
+    p.add_argument("--precision", type=str, default="32",
+                   help="32 or bf16-mixed: the relearning / fine-tuning steps and the greedy answers run under bf16 "
+                        "autocast (weights stay float32; MIA statistics stay float32)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)

@@ -230,3 +230,61 @@ def summary(scores: dict) -> dict:
     proto = scores["protocol"]
     return {f"{proto}/{k}": v for k, v in scores.items()
             if k not in ("protocol",) and isinstance(v, (int, float)) and v is not None}
+
+
+# --------------------------------------------------------------------------- portability (two-hop probes)
+
+# An edit whose object is a country should carry over to what follows from the country: after "Lyon is a city
+# in Germany", "The official currency of the country where Lyon is located is the" should say euro -> euro, and
+# "The capital of the country where Lyon is located is" Paris -> Berlin. First hop: the edited relation as a phrase
+# naming the subject; second hop: another relation of the knowledge base, asked with its own prompt of that phrase.
+TWO_HOP_FIRST = {"city_country": "the country where {} is located",
+                 "headquarters_country": "the country where {} is headquartered"}
+TWO_HOP_SECOND = ("capital", "official_language", "currency")
+
+
+@dataclasses.dataclass(frozen=True)
+class PortabilityProbe:
+    """A two-hop question about an edited fact: before the edit its answer is ``old``, after it ``new``."""
+
+    case: int  # index of the request it probes
+    hop: str  # the second relation
+    prompt: str
+    old: str
+    new: str
+
+
+def portability_probes(requests: Sequence[EditRequest], knowledge: Sequence[EditRequest]) -> list[PortabilityProbe]:
+    """Two-hop probes of each request whose relation is in ``TWO_HOP_FIRST``, for every relation of
+    ``TWO_HOP_SECOND`` that ``knowledge`` (requests whose ``target_true`` are facts: the fact bank) answers for both
+    the old and the new object, with different answers. The prompt is the second relation's own prompt (the first
+    of its requests in ``knowledge``) asked of the first hop's phrase."""
+    facts: dict[tuple[str | None, str], str] = {}
+    prompts: dict[str | None, str] = {}
+    for k in knowledge:
+        if k.target_true is not None:
+            facts.setdefault((k.relation, k.subject), k.target_true)
+            prompts.setdefault(k.relation, k.prompt)
+    out = []
+    for i, req in enumerate(requests):
+        phrase = TWO_HOP_FIRST.get(req.relation or "")
+        if phrase is None or req.target_true is None:
+            continue
+        for hop in TWO_HOP_SECOND:
+            old, new = facts.get((hop, req.target_true)), facts.get((hop, req.target_new))
+            if old is None or new is None or old == new or hop not in prompts:
+                continue
+            prompt = prompts[hop].replace("{}", phrase.replace("{}", req.subject), 1)
+            out.append(PortabilityProbe(i, hop, prompt[:1].upper() + prompt[1:], old, new))
+    return out
+
+
+@torch.no_grad()
+def portability_scores(model, tok, family: str, probes: Sequence[PortabilityProbe], batch_size: int = 64) -> list[float]:
+    """Per probe, 1.0 when the model prefers its ``new`` answer to its ``old`` one (the CounterFact comparison)."""
+    was_training = model.training
+    model.eval()
+    probs = _probs(model, tok, family, [pair for p in probes for pair in ((p.prompt, p.new), (p.prompt, p.old))],
+                   batch_size)
+    model.train(was_training)
+    return [float(a > b) for a, b in zip(probs[::2], probs[1::2])]

@@ -185,16 +185,25 @@ def forget_metric(rows: Sequence[Example], family: str) -> str:
     return "rougeL_recall" if rows and all(e.prompt for e in rows) and family == "decoder" else "exact_memorization"
 
 
-def forget_score(model, tokenizer, family: str, rows: Sequence[Example], prompt_format: str | None = None,
-                 max_new_tokens: int = 48, batch_size: int = 16) -> float:
-    """How much of the forget set the model still says (:func:`forget_metric`)."""
+def forget_scores(model, tokenizer, family: str, rows: Sequence[Example], prompt_format: str | None = None,
+                  max_new_tokens: int = 48, batch_size: int = 16, bf16: bool = False) -> np.ndarray:
+    """Per example, how much of it the model still says (:func:`forget_metric`). ``bf16``: greedy answers are
+    generated under bf16 autocast (2.3x faster on a CPU with bf16 units; the weights stay float32)."""
     if forget_metric(rows, family) == "rougeL_recall":
         from lethe.tofu import greedy_answers, rouge_l_recall
 
-        answers = greedy_answers(model, tokenizer, [e.prompt for e in rows], max_new_tokens, batch_size,
-                                 prompt_format)
-        return float(np.mean([rouge_l_recall(a, e.target) for a, e in zip(answers, rows)]))
-    return float(example_stats(model, tokenizer, family, rows, prompt_format, batch_size)["exact_memorization"].mean())
+        with precision.autocast("bf16-mixed" if bf16 else "32", next(model.parameters()).device):
+            answers = greedy_answers(model, tokenizer, [e.prompt for e in rows], max_new_tokens, batch_size,
+                                     prompt_format)
+        return np.asarray([rouge_l_recall(a, e.target) for a, e in zip(answers, rows)], dtype=np.float64)
+    return example_stats(model, tokenizer, family, rows, prompt_format, batch_size)["exact_memorization"]
+
+
+def forget_score(model, tokenizer, family: str, rows: Sequence[Example], prompt_format: str | None = None,
+                 max_new_tokens: int = 48, batch_size: int = 16, bf16: bool = False) -> float:
+    """How much of the forget set the model still says (:func:`forget_metric`), averaged over its examples."""
+    return float(forget_scores(model, tokenizer, family, rows, prompt_format, max_new_tokens, batch_size,
+                               bf16).mean())
 
 
 def attack_baseline(report: dict, key: str) -> float:
@@ -222,9 +231,13 @@ def relearn(model, tokenizer, family: str, train: Sequence[Example], steps: Sequ
     attacked.train()
     for p in attacked.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
     device = next(attacked.parameters()).device
+    # torch's fused AdamW (CPU and CUDA): the same update in one kernel per step, 5x faster than the per-tensor
+    # loop on a 2-core CPU for SmolLM2's 135M parameters (0.16 s against 0.89 s a step)
+    fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                                    for p in attacked.parameters())
+    opt = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0, **({"fused": True} if fused else {}))
+    gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     out: dict[int, float] = {}
     for step in range(1, max(steps) + 1):
@@ -329,7 +342,7 @@ class AttackSettings:
     group_size: int = 128
     survive_tolerance: float = 0.05
     seed: int = 0
-    bf16: bool = False
+    bf16: bool = False  # relearning / fine-tuning steps and greedy answers under bf16 autocast (weights stay float32)
     max_new_tokens: int = 48
     batch_size: int = 16
 
@@ -358,16 +371,19 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
     each (its forget score rose by less than ``settings.survive_tolerance``)."""
     forget = examples(forget_records)
     score = lambda m, rows: forget_score(m, tokenizer, family, rows, prompt_format, settings.max_new_tokens,
-                                         settings.batch_size)
+                                         settings.batch_size, settings.bf16)
     out: dict = {"forget_score": forget_metric(forget, family)}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     progress("forget score")
-    out["forget"] = score(model, forget)
+    per_example = forget_scores(model, tokenizer, family, forget, prompt_format, settings.max_new_tokens,
+                                settings.batch_size, settings.bf16)
+    out["forget"] = float(per_example.mean())
     seconds["forget"] = time.perf_counter() - t0
     if "relearn" in attacks:
         train, held = halves(forget)
-        out["relearn_half_before"] = score(model, held)
+        # the scored half's own answers from the pass above (a greedy answer depends on its batch only by padding)
+        out["relearn_half_before"] = float(np.mean(halves(per_example.tolist())[1]))
         progress(f"relearning on {len(train)} examples, {max(settings.relearn_steps)} steps")
         after = relearn(model, tokenizer, family, train, settings.relearn_steps, lambda m: score(m, held),
                         settings.relearn_lr, settings.relearn_batch_size, settings.seed, prompt_format, settings.bf16)

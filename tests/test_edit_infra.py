@@ -45,6 +45,39 @@ def test_counterfact_scores_follow_the_definitions():
     assert plain["neighborhood"] == pytest.approx(sum(nb_true) / 2)
 
 
+def test_two_hop_probes_follow_the_edited_country_and_score_as_counterfact_does():
+    def fact(subject, relation, prompt, true, new="x"):
+        return EditRequest(prompt=prompt, subject=subject, target_new=new, target_true=true, relation=relation)
+
+    bank = [fact("France", "capital", "The capital of {} is", "Paris"),
+            fact("Germany", "capital", "The capital of {} is", "Berlin"),
+            fact("France", "official_language", "The official language of {} is", "French"),
+            fact("Germany", "official_language", "The official language of {} is", "German"),
+            fact("Austria", "official_language", "The official language of {} is", "German"),
+            fact("France", "currency", "{}'s currency is the", "euro"),
+            fact("Germany", "currency", "{}'s currency is the", "euro")]
+    edits = [fact("Lyon", "city_country", "{} is a city in", "France", "Germany"),
+             fact("Siemens", "headquarters_country", "{} is based in", "Germany", "Austria"),
+             fact("Lyon", "continent", "{} is in", "Europe", "Asia")]  # not a country: no probe
+    probes = ev.portability_probes(edits, bank)
+    got = {(p.case, p.hop): (p.prompt, p.old, p.new) for p in probes}
+    assert got == {
+        (0, "capital"): ("The capital of the country where Lyon is located is", "Paris", "Berlin"),
+        (0, "official_language"): ("The official language of the country where Lyon is located is", "French",
+                                   "German"),
+        # the currency is the same in both countries (nothing to move), Austria's capital is unknown, and German
+        # is Austria's language as well as Germany's
+    }
+    assert ev.portability_probes(edits[1:], bank) == []
+    m, tok = tiny_model("gpt2"), tiny_tokenizer("gpt2")
+    word_probes = [ev.PortabilityProbe(0, "capital", "w1 w2 w3", "w10", "w11"),
+                   ev.PortabilityProbe(0, "currency", "w4 w5", "w12", "w13")]
+    scores = ev.portability_scores(m, tok, "decoder", word_probes)
+    for p, s in zip(word_probes, scores):
+        new, old = (float(target_probability(m, tok, "decoder", [p.prompt], [t])[0]) for t in (p.new, p.old))
+        assert s == float(new > old)
+
+
 def test_neighbour_filters_keep_only_prompts_that_can_measure_bleed():
     m, tok = tiny_model("gpt2"), tiny_tokenizer("gpt2")
     r = req(neighborhood_prompts=["w8 w9 w3", "w4 w9 w3", "w2 w3", "w7 w3"],
