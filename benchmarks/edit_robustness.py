@@ -91,12 +91,10 @@ def known_probes(loaded, reqs) -> tuple[set, dict]:
     from lethe.sources import load_requests
 
     probes = ev.portability_probes(reqs, load_requests("fact_bank"))
-    moved = ev.portability_scores(loaded.model, loaded.tokenizer, loaded.family, probes)
-    kept = [p for p, m in zip(probes, moved) if m == 0.0]
+    kept, left_out = ev.known_portability_probes(loaded.model, loaded.tokenizer, loaded.family, probes)
     return {(p.prompt, p.old, p.new) for p in kept}, {
         "scored": len(kept), "edits_probed": len({p.case for p in kept}),
-        "left_out_unknown_to_the_unedited_model": len(probes) - len(kept),
-        "hops": sorted({p.hop for p in kept})}
+        "left_out_unknown_to_the_unedited_model": left_out, "hops": sorted({p.hop for p in kept})}
 
 
 def portability(loaded, group, keep: set) -> list[float]:

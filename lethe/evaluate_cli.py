@@ -16,7 +16,10 @@ gives the forget set (members) and the holdout set (never trained on):
 - ``files``: ``--forget`` and ``--holdout`` files of ``--kind`` tofu (question/answer) or text.
 - ``edits``: an edited model (``lethe edit``'s ``edited_model/``) and its ``--requests`` (a CounterFact file,
   ``world:train``, ``real_facts``): does each edit survive ``quantize`` and ``finetune`` (20 steps on
-  ``--finetune-corpus``, unrelated text), and does the old fact come back?
+  ``--finetune-corpus``, unrelated text), and does the old fact come back? Edits that move a city or a company
+  to another country also get two-hop portability probes (``evaluation.portability_probes``, answers from the
+  fact bank): does "the capital of the country where X is located" follow? With ``--reference`` (here: the model
+  before editing) only the probes it answered the old way are scored.
 
 The optional ``--reference`` (the retain model, or the model before unlearning) adds the reference-based
 attack and privleak (its own AUC is computed on the same sets). Attacks (``--attacks``): ``mia`` (LOSS, ZLib,
@@ -68,7 +71,8 @@ def build_parser():
     p.add_argument("--n-forget", type=int | None, default=None, help="use the first N forget records")
     p.add_argument("--n-holdout", type=int | None, default=None, help="use the first N holdout records")
     p.add_argument("--reference", type=str | None, default=None,
-                   help="the retain model (or the model before unlearning): reference attack and privleak")
+                   help="the retain model (or the model before unlearning): reference attack and privleak; "
+                        "edits suite: the model before editing (portability probes it answered the old way)")
     p.add_argument("--attacks", type=list[str], default=list(ATTACKS), help=f"any of {', '.join(ATTACKS)}")
     p.add_argument("--prompt-format", type=str | None, default=None,
                    help="'chat' or a format with {prompt} (default: the run's own, else plain)")
@@ -224,6 +228,7 @@ def run(args) -> dict:
 
 def run_edits(args) -> dict:
     """The edits suite: edit_survival of the model's edits under the chosen attacks."""
+    from lethe import evaluation as ev
     from lethe import privacy
     from lethe.covariance import load_corpus
     from lethe.models import load_model
@@ -244,10 +249,24 @@ def run_edits(args) -> dict:
     t0 = time.perf_counter()
     loaded = load_model(args.model)
     settings = attack_settings(args)
+    probes = ev.portability_probes(reqs, load_requests("fact_bank"))
+    left_out = None
+    if probes and args.reference:  # the model before editing: keep the probes it answered the old way
+        before = load_model(args.reference)
+        if before.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            _fail(f"--reference {args.reference} has another tokenizer than --model {args.model}; the edits suite's "
+                  "reference is the model before editing")
+        probes, left_out = ev.known_portability_probes(before.model, before.tokenizer, before.family, probes)
+        del before
     report = {"model": args.model, "suite": "edits", "requests": args.requests, "attacks": attacks,
               **privacy.edit_survival(loaded.model, loaded.tokenizer, loaded.family, reqs, attacks, settings, texts,
                                       args.finetune_steps, args.finetune_lr,
                                       lambda msg: print(f"[lethe evaluate] {msg}", file=sys.stderr, flush=True))}
+    if probes:
+        moved = ev.portability_scores(loaded.model, loaded.tokenizer, loaded.family, probes)
+        report["portability"] = {"score": sum(moved) / len(moved), "probes": len(probes),
+                                 "left_out_unknown_before_editing": left_out,
+                                 "filtered_by": args.reference or "none (no --reference: every probe is scored)"}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(Path(args.out) / "evaluation.json", report)
     return report

@@ -288,3 +288,11 @@ def portability_scores(model, tok, family: str, probes: Sequence[PortabilityProb
                    batch_size)
     model.train(was_training)
     return [float(a > b) for a, b in zip(probs[::2], probs[1::2])]
+
+
+def known_portability_probes(model, tok, family: str, probes: Sequence[PortabilityProbe]
+                             ) -> tuple[list[PortabilityProbe], int]:
+    """The probes the UNEDITED ``model`` answers with the old fact's consequence (a probe it already gets wrong
+    cannot show the edit carrying over), and how many were left out."""
+    kept = [p for p, moved in zip(probes, portability_scores(model, tok, family, probes)) if moved == 0.0]
+    return kept, len(probes) - len(kept)

@@ -112,10 +112,14 @@ def rows() -> list[tuple[str, str, str, str]]:
                     continue
                 returns = " / ".join(_f(r[k]["old_fact_returns"]) for k in ("quant_8bit", "quant_4bit", "finetune_20")
                                      if k in r)
+                port = r.get("portability")
+                probes = per.get("portability_probes")
                 out.append(((f"Edits under attack: {method.upper()}, {per['n_edits']} edits: before → after 4-bit; "
-                             "old facts returned after 8-bit / 4-bit / 20 fine-tuning steps"),
+                             "old facts returned after 8-bit / 4-bit / 20 fine-tuning steps"
+                             + ("; two-hop portability" if port is not None else "")),
                             model.replace("lethe:", "").replace("smollm2", "SmolLM2-135M"),
-                            f"{_epn(r['before'])} → {_epn(r['quant_4bit'])}; {returns}",
+                            f"{_epn(r['before'])} → {_epn(r['quant_4bit'])}; {returns}"
+                            + (f"; {_f(port)} ({probes['scored']} probes)" if port is not None else ""),
                             "`python benchmarks/edit_robustness.py`"))
     d = _load("sequential_editing")
     if d:

