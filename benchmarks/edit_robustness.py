@@ -186,6 +186,39 @@ def finetune_texts(model_name: str, reqs) -> list[str]:
     return [" ".join(t.split()[:FINETUNE_WORDS]) for t in texts if not any(s in t for s in subjects)][:400]
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def attack_edits(job: dict) -> dict:
+    """One (model, method) row: the edits applied group by group, each group attacked (``lethe.privacy``)."""
+    from lethe import privacy
+
+    model_name, method, reqs, keep = job["model"], job["method"], job["reqs"], job["keep"]
+    t0 = time.perf_counter()
+    print(f"{model_name} {method}: editing {len(reqs)} facts ...", flush=True)
+    rows, edit_s, extra, moved = [], 0.0, {}, []
+    for loaded, group, secs, extra in edited_groups(method, model_name, reqs, job["margs"], job["mend_run"]):
+        edit_s += secs
+        moved += portability(loaded, group, keep) if keep else []
+        settings = privacy.AttackSettings(seed=0, bf16=True)
+        rows.append(privacy.edit_survival(loaded.model, loaded.tokenizer, loaded.family, group, privacy.EDIT_ATTACKS,
+                                          settings, job["texts"], 20, FINETUNE[model_name]["lr"],
+                                          progress=lambda msg: print(f"  {model_name} {method}: {msg}", flush=True)))
+    row = pooled(rows)
+    if keep:
+        row["portability"] = sum(moved) / len(moved) if moved else None
+    row.update(extra, edit_seconds=round(edit_s, 1), seconds=round(time.perf_counter() - t0, 1))
+    b = row["before"]
+    print(f"  {model_name} {method} before: {b['efficacy']:.2f} / {b['paraphrase']:.2f} / {b['neighborhood']:.2f}; "
+          "old fact returns: " + ", ".join(f"{k} {v['old_fact_returns']:.2f}" for k, v in row.items()
+                                           if isinstance(v, dict) and v.get("old_fact_returns") is not None)
+          + f" ({row['seconds']} s)", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lethe:world-decoder,lethe:smollm2")
@@ -195,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a finished `lethe fit` run of MODEL's MEND preset (e.g. lethe:smollm2=runs/mend_smollm2) "
                          "to take the editor from; it is cached for the next run. Default: the cached editor, else "
                          "a fresh fit of the preset (SmolLM2: ~45 min)")
+    ap.add_argument("--workers", type=int, default=2, help="(model, method) pairs run in parallel, one process each")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads in all (split among the workers)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "edit_robustness.json"))
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
@@ -202,11 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from lethe import privacy
     from lethe.io import write_json
     from lethe.models import load_model
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     t_all = time.perf_counter()
     result: dict = {"benchmark": "edit_robustness", "attacks": {
         "quantize": "symmetric round-to-nearest, group 128, every linear layer but the head",
@@ -215,12 +249,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                                "weights); CounterFact scores in float32"},
         "models": {}}
     mend_runs = dict(kv.split("=", 1) for kv in args.mend_run or [])
+    methods = [m for m in args.methods.split(",") if m]
+    jobs = []
     for model_name in [m for m in args.models.split(",") if m]:
         n = args.n or (50 if "world" in model_name else 20)
         margs = mend_args(model_name, n)
         base = load_model(model_name)
         source, reqs = pick_requests(base, model_name, margs, n)
-        texts = finetune_texts(model_name, reqs)
         per_model: dict = {"requests": source, "n_edits": len(reqs)}
         keep: set = set()
         if model_name in HELDOUT:
@@ -229,30 +264,25 @@ def main(argv: list[str] | None = None) -> dict:
             per_model["portability_probes"] = ("none: the world's objects are never subjects of other facts "
                                                "(no two-hop chain exists in it)")
         del base
-        for method in [m for m in args.methods.split(",") if m]:
-            t0 = time.perf_counter()
-            print(f"{model_name} {method}: editing {len(reqs)} facts ...", flush=True)
-            rows, edit_s, extra, moved = [], 0.0, {}, []
-            for loaded, group, secs, extra in edited_groups(method, model_name, reqs, margs,
-                                                            mend_runs.get(model_name)):
-                edit_s += secs
-                moved += portability(loaded, group, keep) if keep else []
-                settings = privacy.AttackSettings(seed=0, bf16=True)
-                rows.append(privacy.edit_survival(loaded.model, loaded.tokenizer, loaded.family, group,
-                                                  privacy.EDIT_ATTACKS, settings, texts, 20,
-                                                  FINETUNE[model_name]["lr"],
-                                                  progress=lambda msg: print(f"  {msg}", flush=True)))
-            row = pooled(rows)
-            if keep:
-                row["portability"] = sum(moved) / len(moved) if moved else None
-            row.update(extra, edit_seconds=round(edit_s, 1), seconds=round(time.perf_counter() - t0, 1))
-            per_model[method] = row
-            b = row["before"]
-            print(f"  before: {b['efficacy']:.2f} / {b['paraphrase']:.2f} / {b['neighborhood']:.2f}; old fact returns: "
-                  + ", ".join(f"{k} {v['old_fact_returns']:.2f}" for k, v in row.items()
-                              if isinstance(v, dict) and v.get("old_fact_returns") is not None)
-                  + f" ({row['seconds']} s)", flush=True)
         result["models"][model_name] = per_model
+        texts = finetune_texts(model_name, reqs)
+        jobs += [{"model": model_name, "method": method, "reqs": reqs, "texts": texts, "keep": keep,
+                  "margs": margs, "mend_run": mend_runs.get(model_name)} for method in methods]
+    # the slowest first (SmolLM2's), so the workers finish together
+    jobs.sort(key=lambda j: "world" in j["model"])
+    workers = max(1, min(args.workers, len(jobs)))
+    if workers == 1:
+        rows = [attack_edits(job) for job in jobs]
+    else:  # independent (model, method) pairs: single-threaded processes use a small CPU best
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads, initargs=(max(1, args.threads // workers),)) as pool:
+            rows = list(pool.map(attack_edits, jobs))
+    for job, row in sorted(zip(jobs, rows), key=lambda jr: methods.index(jr[0]["method"])):
+        result["models"][job["model"]][job["method"]] = row
+    result["workers"] = workers
     result["seconds"] = round(time.perf_counter() - t_all, 1)
     from lethe.world_models import world_builds
 
