@@ -6,14 +6,16 @@ folders under ``--runs``; a missing one is run first, as ``benchmarks/tofu.py`` 
 - ``mia_auc``: each attack's ROC-AUC of the forget split's questions (members of the target's training set)
   against the questions of two TOFU authors no model here trained on (``tofu:full[100:102]``);
 - ``privleak``: MUSE's relative difference of that AUC to the retain model's, per attack;
-- every forget ROUGE-L below is of greedy answers generated under bf16 autocast (the weights stay float32);
+- every forget ROUGE-L below is of greedy answers generated under bf16 autocast, and the MIA statistics come from
+  forward passes under bf16 autocast (the weights stay float32);
 - ``relearn_10`` / ``relearn_50``: forget ROUGE-L recall on the odd half of the forget questions after 10 / 50
   AdamW steps (lr 5e-5, batch 4, bf16-mixed) on the even half (``relearn_half_before``: before);
 - ``quant_8bit`` / ``quant_4bit``: forget ROUGE-L after round-to-nearest weight quantisation (group 128);
 - ``probe_paraphrase`` / ``probe_hint``: forget ROUGE-L on the paraphrased questions / after a hint naming the author;
 - ``survived``: per attack, whether forget ROUGE-L rose by less than 0.05; ``recovered_share``: how much of
   the gap between the unlearned model and the target the attack closed;
-- ``seconds`` per model.
+- ``seconds`` per model (its own wall time; ``--workers`` models run at once, one process each, and the
+  top-level ``seconds`` is the whole benchmark's).
 
     python benchmarks/privacy.py                      # cpu20, forget01, every method (runs/ from benchmarks/tofu.py)
     python benchmarks/privacy.py --methods npo,rmu --runs runs
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", default=str(ROOT / "runs"), help="the TOFU method runs (benchmarks/tofu.py --runs)")
     ap.add_argument("--holdout", default=HOLDOUT)
     ap.add_argument("--relearn-lr", type=float, default=5e-5)
+    ap.add_argument("--workers", type=int, default=2, help="models attacked in parallel, one process each")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads in all (split among the workers)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lethe.models import load_model
     from lethe.records import read_records
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     methods = [m for m in (args.methods or ",".join(tofu_bench.METHODS)).split(",") if m]
     t_all = time.perf_counter()
     target, retain = (tofu.ensure_finetuned(role, args.subset) for role in ("target", "retain"))
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         models[method] = str(run_dir)
 
     ref = load_model(retain)
-    _, ref_nll = privacy.membership(ref.model, ref.tokenizer, "decoder", forget, holdout, fmt)
+    _, ref_nll = privacy.membership(ref.model, ref.tokenizer, "decoder", forget, holdout, fmt, bf16=settings.bf16)
     del ref
     result: dict = {"benchmark": "privacy", "model": "lethe:smollm2 (SmolLM2-135M-Instruct), TOFU fine-tunes",
                     "subset": args.subset, "forget_split": args.split, "holdout": args.holdout,
@@ -90,27 +94,30 @@ def main(argv: list[str] | None = None) -> dict:
                                 "precision": "bf16-mixed", "train": "even forget questions",
                                 "scored": "odd forget questions"},
                                 "scoring": f"ROUGE-L recall of greedy answers ({settings.max_new_tokens} new tokens) "
-                                           "generated under bf16 autocast (float32 weights); MIA statistics in "
-                                           "float32",
+                                           "generated under bf16 autocast (float32 weights); MIA forward passes "
+                                           "under bf16 autocast, their statistics in float32",
                                 "quantize": {"bits": list(settings.quant_bits), "group_size": settings.group_size,
                                              "scheme": "symmetric round-to-nearest, per output channel and group, "
                                                        "every linear layer but the output head"},
                                 "survive_tolerance": settings.survive_tolerance},
                     "models": {}}
-    for name, path in models.items():
-        t0 = time.perf_counter()
-        print(f"{name}: membership inference and recovery attacks ...", flush=True)
-        loaded = load_model(path)
-        row = privacy.membership(loaded.model, loaded.tokenizer, "decoder", forget, holdout, fmt, ref_nll)[0]
-        rec = privacy.recovery(loaded.model, loaded.tokenizer, "decoder", forget_records, privacy.RECOVERY_ATTACKS,
-                               settings, fmt, progress=lambda msg, n=name: print(f"  {n}: {msg}", flush=True))
-        row.update({k: v for k, v in rec.items()})
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        result["models"][name] = row
-        print(f"  {name}: AUC loss {row['mia_auc']['loss']:.3f} min_k_pp {row['mia_auc']['min_k_pp']:.3f}; forget "
-              f"ROUGE-L {rec['forget']:.3f}, relearn_50 {rec.get('relearn_50', float('nan')):.3f}, 4-bit "
-              f"{rec.get('quant_4bit', float('nan')):.3f} ({row['seconds']} s)", flush=True)
-        del loaded
+    jobs = [{"name": name, "path": path, "forget": forget, "holdout": holdout, "fmt": fmt, "ref_nll": ref_nll,
+             "forget_records": forget_records, "settings": settings} for name, path in models.items()]
+    workers = max(1, min(args.workers, len(jobs)))
+    if workers == 1:
+        rows = [attack_model(job) for job in jobs]
+    else:
+        # models are independent: N single-threaded processes beat one two-threaded process on a small CPU
+        # (greedy decoding's small matrices do not split well across threads)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads, initargs=(max(1, args.threads // workers),)) as pool:
+            rows = list(pool.map(attack_model, jobs))
+    for job, row in zip(jobs, rows):
+        result["models"][job["name"]] = row
+    result["workers"] = workers
     retain_auc = result["models"]["retain"]["mia_auc"]
     tgt = result["models"]["target"]
     for name, row in result["models"].items():
@@ -130,6 +137,33 @@ def main(argv: list[str] | None = None) -> dict:
         plot(result, out.with_suffix(".png"))
     print(line)
     return result
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def attack_model(job: dict) -> dict:
+    """One model's row: membership inference, then the recovery attacks (``job``: its name, path and the sets)."""
+    from lethe import privacy
+    from lethe.models import load_model
+
+    name, t0 = job["name"], time.perf_counter()
+    print(f"{name}: membership inference and recovery attacks ...", flush=True)
+    loaded = load_model(job["path"])
+    row = privacy.membership(loaded.model, loaded.tokenizer, "decoder", job["forget"], job["holdout"], job["fmt"],
+                             job["ref_nll"], bf16=job["settings"].bf16)[0]
+    rec = privacy.recovery(loaded.model, loaded.tokenizer, "decoder", job["forget_records"],
+                           privacy.RECOVERY_ATTACKS, job["settings"], job["fmt"],
+                           progress=lambda msg: print(f"  {name}: {msg}", flush=True))
+    row.update(rec)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"  {name}: AUC loss {row['mia_auc']['loss']:.3f} min_k_pp {row['mia_auc']['min_k_pp']:.3f}; forget "
+          f"ROUGE-L {rec['forget']:.3f}, relearn_50 {rec.get('relearn_50', float('nan')):.3f}, 4-bit "
+          f"{rec.get('quant_4bit', float('nan')):.3f} ({row['seconds']} s)", flush=True)
+    return row
 
 
 def plot(result: dict, dest: Path) -> Path:

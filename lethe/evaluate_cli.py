@@ -84,8 +84,9 @@ def build_parser():
     p.add_argument("--survive-tolerance", type=float, default=0.05,
                    help="forgetting survived an attack when the forget score rose by less than this")
     p.add_argument("--precision", type=str, default="32",
-                   help="32 or bf16-mixed: the relearning / fine-tuning steps and the greedy answers run under bf16 "
-                        "autocast (weights stay float32; MIA statistics stay float32)")
+                   help="32 or bf16-mixed: the relearning / fine-tuning steps, the greedy answers and the MIA forward "
+                        "passes run under bf16 autocast (weights stay float32; MIA statistics are taken in float32 "
+                        "from the logits)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -200,9 +201,9 @@ def run(args) -> dict:
         ref, ref_nll = None, None
         if reference is not None:  # the reference's own AUCs (privleak) and its NLLs (the reference attack)
             ref, ref_nll = privacy.membership(reference.model, reference.tokenizer, reference.family, forget,
-                                              holdout, fmt, None, args.batch_size)
+                                              holdout, fmt, None, args.batch_size, args.precision == "bf16-mixed")
         report.update(privacy.membership(loaded.model, loaded.tokenizer, loaded.family, forget, holdout, fmt,
-                                         ref_nll, args.batch_size)[0])
+                                         ref_nll, args.batch_size, args.precision == "bf16-mixed")[0])
         if ref is not None:
             report["reference_mia_auc"] = ref["mia_auc"]
             report["privleak"] = privacy.privleak_by_attack(report["mia_auc"], ref["mia_auc"])

@@ -107,8 +107,10 @@ def check_sets(forget: Sequence[Example], holdout: Sequence[Example], where: dic
 
 @torch.no_grad()
 def example_stats(model, tokenizer, family: str, rows: Sequence[Example], prompt_format: str | None = None,
-                  batch_size: int = 16, k: float = MIN_K) -> dict[str, np.ndarray]:
-    """Per example: mean NLL, Min-K%, Min-K%++, exact memorisation and extraction strength of the target."""
+                  batch_size: int = 16, k: float = MIN_K, bf16: bool = False) -> dict[str, np.ndarray]:
+    """Per example: mean NLL, Min-K%, Min-K%++, exact memorisation and extraction strength of the target.
+    ``bf16``: the forward pass runs under bf16 autocast (3x faster on a CPU with bf16 units); the statistics are
+    taken from its logits in float32."""
     device = next(model.parameters()).device
     out: dict[str, list[float]] = {"nll": [], "min_k": [], "min_k_pp": [], "exact_memorization": [],
                                    "extraction_strength": []}
@@ -119,7 +121,9 @@ def example_stats(model, tokenizer, family: str, rows: Sequence[Example], prompt
             chunk = rows[s:s + batch_size]
             batch = lm.to_device(lm.encode_pairs(tokenizer, family, [e.prompt for e in chunk],
                                                  [e.target for e in chunk], prompt_format=prompt_format), device)
-            lg, lb = lm.aligned(lm.forward_logits(model, batch, family), batch["labels"], family)
+            with precision.autocast("bf16-mixed" if bf16 else "32", device):
+                logits = lm.forward_logits(model, batch, family)
+            lg, lb = lm.aligned(logits, batch["labels"], family)
             for i in range(lg.shape[0]):
                 mask = lb[i] != lm.IGNORE
                 logp = torch.log_softmax(lg[i][mask].float(), -1)
@@ -342,19 +346,20 @@ class AttackSettings:
     group_size: int = 128
     survive_tolerance: float = 0.05
     seed: int = 0
-    bf16: bool = False  # relearning / fine-tuning steps and greedy answers under bf16 autocast (weights stay float32)
+    bf16: bool = False  # the attacks' training steps, greedy answers and MIA forward passes under bf16 autocast
     max_new_tokens: int = 48
     batch_size: int = 16
 
 
 def membership(model, tokenizer, family: str, forget: Sequence[Example], holdout: Sequence[Example],
                prompt_format: str | None = None, reference_nll: dict[str, np.ndarray] | None = None,
-               batch_size: int = 16) -> tuple[dict, dict[str, np.ndarray]]:
+               batch_size: int = 16, bf16: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """Every MIA attack's AUC, exact memorisation and extraction strength on forget vs holdout, and the model's
     per-example NLLs (``{"forget": ..., "holdout": ...}``: the ``reference_nll`` of another model's call, when
     this model is the reference). ``reference_nll`` adds the reference attack."""
     sets = {"forget": forget, "holdout": holdout}
-    stats = {name: example_stats(model, tokenizer, family, rows, prompt_format, batch_size) for name, rows in sets.items()}
+    stats = {name: example_stats(model, tokenizer, family, rows, prompt_format, batch_size, bf16=bf16)
+             for name, rows in sets.items()}
     scores = {name: mia_scores(stats[name], rows, reference_nll[name] if reference_nll else None)
               for name, rows in sets.items()}
     report = {"mia_auc": {a: auc(scores["forget"][a], scores["holdout"][a]) for a in scores["forget"]},

@@ -52,12 +52,12 @@ def _rows(texts):
     return [privacy.Example("", t) for t in texts]
 
 
-def _aucs(path: str, planted) -> dict:
+def _aucs(path: str, planted, bf16: bool = False) -> dict:
     from lethe.models import load_model
 
     loaded = load_model(path)
     return privacy.membership(loaded.model, loaded.tokenizer, "decoder", _rows(planted["members"]),
-                              _rows(planted["unseen"]))[0]["mia_auc"]
+                              _rows(planted["unseen"]), bf16=bf16)[0]["mia_auc"]
 
 
 def test_attacks_find_planted_members_and_not_in_an_untrained_model(planted):
@@ -65,6 +65,9 @@ def test_attacks_find_planted_members_and_not_in_an_untrained_model(planted):
     assert trained["loss"] >= 0.9 and trained["min_k_pp"] >= 0.9, trained
     assert trained["zlib"] >= 0.9 and trained["min_k"] >= 0.9, trained
     assert 0.4 <= untrained["loss"] <= 0.6 and 0.4 <= untrained["min_k_pp"] <= 0.6, untrained
+    # the benchmarks' bf16-autocast forward passes tell the same members apart
+    fast = _aucs(planted["trained"], planted, bf16=True)
+    assert all(abs(fast[a] - trained[a]) <= 0.02 for a in trained), (fast, trained)
 
 
 def test_auc_metric_counts_ties_as_half_and_privleak_is_muse_relative_difference():
