@@ -186,12 +186,6 @@ def finetune_texts(model_name: str, reqs) -> list[str]:
     return [" ".join(t.split()[:FINETUNE_WORDS]) for t in texts if not any(s in t for s in subjects)][:400]
 
 
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
 def attack_edits(job: dict) -> dict:
     """One (model, method) row: the edits applied group by group, each group attacked (``lethe.privacy``)."""
     from lethe import privacy
@@ -270,16 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
                   "margs": margs, "mend_run": mend_runs.get(model_name)} for method in methods]
     # the slowest first (SmolLM2's), so the workers finish together
     jobs.sort(key=lambda j: "world" in j["model"])
-    workers = max(1, min(args.workers, len(jobs)))
-    if workers == 1:
-        rows = [attack_edits(job) for job in jobs]
-    else:  # independent (model, method) pairs: single-threaded processes use a small CPU best
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    from hardware import parallel_map
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_set_threads, initargs=(max(1, args.threads // workers),)) as pool:
-            rows = list(pool.map(attack_edits, jobs))
+    workers = max(1, min(args.workers, len(jobs)))
+    rows = parallel_map(attack_edits, jobs, workers, args.threads)
     for job, row in sorted(zip(jobs, rows), key=lambda jr: methods.index(jr[0]["method"])):
         result["models"][job["model"]][job["method"]] = row
     result["workers"] = workers

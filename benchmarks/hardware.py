@@ -104,3 +104,22 @@ def _hwm_mb() -> float:
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def parallel_map(fn: Callable[[dict], object], jobs: list, workers: int, threads: int) -> list:
+    """``[fn(job) for job in jobs]``, in ``workers`` spawned processes splitting ``threads`` CPU threads (one
+    process: in this one). Independent model jobs use a small CPU best this way: greedy decoding's small matrices
+    do not split well across threads (2 single-threaded processes did 1.2x the work of one 2-threaded process)."""
+    workers = max(1, min(workers, len(jobs)))
+    if workers == 1:
+        return [fn(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
+                             initargs=(max(1, threads // workers),)) as pool:
+        return list(pool.map(fn, jobs))

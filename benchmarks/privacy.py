@@ -103,18 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "models": {}}
     jobs = [{"name": name, "path": path, "forget": forget, "holdout": holdout, "fmt": fmt, "ref_nll": ref_nll,
              "forget_records": forget_records, "settings": settings} for name, path in models.items()]
-    workers = max(1, min(args.workers, len(jobs)))
-    if workers == 1:
-        rows = [attack_model(job) for job in jobs]
-    else:
-        # models are independent: N single-threaded processes beat one two-threaded process on a small CPU
-        # (greedy decoding's small matrices do not split well across threads)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    from hardware import parallel_map
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_set_threads, initargs=(max(1, args.threads // workers),)) as pool:
-            rows = list(pool.map(attack_model, jobs))
+    workers = max(1, min(args.workers, len(jobs)))
+    rows = parallel_map(attack_model, jobs, workers, args.threads)
     for job, row in zip(jobs, rows):
         result["models"][job["name"]] = row
     result["workers"] = workers
@@ -137,12 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
         plot(result, out.with_suffix(".png"))
     print(line)
     return result
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def attack_model(job: dict) -> dict:
