@@ -84,26 +84,16 @@ def pick_requests(loaded, model_name: str, margs: argparse.Namespace, n: int):
     return source, reqs
 
 
-def known_probes(loaded, reqs) -> tuple[set, dict]:
+def known_probes(loaded, reqs) -> tuple[list, dict]:
     """The two-hop probes (``evaluation.portability_probes`` over the fact bank) the unedited model answers with
-    the old fact's consequence, as (prompt, old, new) keys, and their counts."""
+    the old fact's consequence (each probe's ``case`` indexes ``reqs``), and their counts."""
     from lethe import evaluation as ev
     from lethe.sources import load_requests
 
     probes = ev.portability_probes(reqs, load_requests("fact_bank"))
     kept, left_out = ev.known_portability_probes(loaded.model, loaded.tokenizer, loaded.family, probes)
-    return {(p.prompt, p.old, p.new) for p in kept}, {
-        "scored": len(kept), "edits_probed": len({p.case for p in kept}),
-        "left_out_unknown_to_the_unedited_model": left_out, "hops": sorted({p.hop for p in kept})}
-
-
-def portability(loaded, group, keep: set) -> list[float]:
-    """Per known two-hop probe of ``group``'s edits, 1.0 when the edited model now follows the new fact."""
-    from lethe import evaluation as ev
-    from lethe.sources import load_requests
-
-    probes = [p for p in ev.portability_probes(group, load_requests("fact_bank")) if (p.prompt, p.old, p.new) in keep]
-    return ev.portability_scores(loaded.model, loaded.tokenizer, loaded.family, probes)
+    return kept, {"scored": len(kept), "edits_probed": len({p.case for p in kept}),
+                  "left_out_unknown_to_the_unedited_model": left_out, "hops": sorted({p.hop for p in kept})}
 
 
 def mend_editor(model_name: str, margs: argparse.Namespace, mend_run: str | None):
@@ -188,21 +178,24 @@ def finetune_texts(model_name: str, reqs) -> list[str]:
 
 def attack_edits(job: dict) -> dict:
     """One (model, method) row: the edits applied group by group, each group attacked (``lethe.privacy``)."""
+    from lethe import evaluation as ev
     from lethe import privacy
 
-    model_name, method, reqs, keep = job["model"], job["method"], job["reqs"], job["keep"]
+    model_name, method, reqs, probes = job["model"], job["method"], job["reqs"], job["probes"]
     t0 = time.perf_counter()
     print(f"{model_name} {method}: editing {len(reqs)} facts ...", flush=True)
     rows, edit_s, extra, moved = [], 0.0, {}, []
     for loaded, group, secs, extra in edited_groups(method, model_name, reqs, job["margs"], job["mend_run"]):
         edit_s += secs
-        moved += portability(loaded, group, keep) if keep else []
+        in_group = {id(r) for r in group}  # the group is a slice of reqs: its requests are reqs' own objects
+        mine = [p for p in probes if id(reqs[p.case]) in in_group]
+        moved += ev.portability_scores(loaded.model, loaded.tokenizer, loaded.family, mine) if mine else []
         settings = privacy.AttackSettings(seed=0, bf16=True)
         rows.append(privacy.edit_survival(loaded.model, loaded.tokenizer, loaded.family, group, privacy.EDIT_ATTACKS,
                                           settings, job["texts"], 20, FINETUNE[model_name]["lr"],
                                           progress=lambda msg: print(f"  {model_name} {method}: {msg}", flush=True)))
     row = pooled(rows)
-    if keep:
+    if probes:
         row["portability"] = sum(moved) / len(moved) if moved else None
     row.update(extra, edit_seconds=round(edit_s, 1), seconds=round(time.perf_counter() - t0, 1))
     b = row["before"]
@@ -251,16 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
         base = load_model(model_name)
         source, reqs = pick_requests(base, model_name, margs, n)
         per_model: dict = {"requests": source, "n_edits": len(reqs)}
-        keep: set = set()
+        probes: list = []
         if model_name in HELDOUT:
-            keep, per_model["portability_probes"] = known_probes(base, reqs)
+            probes, per_model["portability_probes"] = known_probes(base, reqs)
         else:
             per_model["portability_probes"] = ("none: the world's objects are never subjects of other facts "
                                                "(no two-hop chain exists in it)")
         del base
         result["models"][model_name] = per_model
         texts = finetune_texts(model_name, reqs)
-        jobs += [{"model": model_name, "method": method, "reqs": reqs, "texts": texts, "keep": keep,
+        jobs += [{"model": model_name, "method": method, "reqs": reqs, "texts": texts, "probes": probes,
                   "margs": margs, "mend_run": mend_runs.get(model_name)} for method in methods]
     # the slowest first (SmolLM2's), so the workers finish together
     jobs.sort(key=lambda j: "world" in j["model"])

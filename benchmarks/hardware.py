@@ -105,7 +105,6 @@ def _hwm_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-
 def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 

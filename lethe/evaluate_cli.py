@@ -193,6 +193,7 @@ def run(args) -> dict:
             _fail(f"--reference {args.reference} has another tokenizer than --model {args.model} "
                   f"({len(reference.tokenizer)} vs {len(loaded.tokenizer)} tokens): a loss ratio needs the same tokens")
     progress = lambda msg: print(f"[lethe evaluate] {msg}", file=sys.stderr, flush=True)
+    settings = attack_settings(args)
     report: dict = {"model": args.model, "suite": args.suite, "sets": where, "n_forget": len(forget),
                     "n_holdout": len(holdout), "reference": args.reference, "prompt_format": fmt,
                     "attacks": list(args.attacks)}
@@ -201,16 +202,16 @@ def run(args) -> dict:
         ref, ref_nll = None, None
         if reference is not None:  # the reference's own AUCs (privleak) and its NLLs (the reference attack)
             ref, ref_nll = privacy.membership(reference.model, reference.tokenizer, reference.family, forget,
-                                              holdout, fmt, None, args.batch_size, args.precision == "bf16-mixed")
+                                              holdout, fmt, None, args.batch_size, settings.bf16)
         report.update(privacy.membership(loaded.model, loaded.tokenizer, loaded.family, forget, holdout, fmt,
-                                         ref_nll, args.batch_size, args.precision == "bf16-mixed")[0])
+                                         ref_nll, args.batch_size, settings.bf16)[0])
         if ref is not None:
             report["reference_mia_auc"] = ref["mia_auc"]
             report["privleak"] = privacy.privleak_by_attack(report["mia_auc"], ref["mia_auc"])
     recovery = [a for a in args.attacks if a in privacy.RECOVERY_ATTACKS]
     if recovery:
         report["recovery"] = privacy.recovery(loaded.model, loaded.tokenizer, loaded.family, forget_records,
-                                              recovery, attack_settings(args), fmt, progress)
+                                              recovery, settings, fmt, progress)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     write_json(out / "evaluation.json", report)
