@@ -22,7 +22,11 @@ offers):
   recalls facts at the prediction position (lethe's world decoder), every same-relation fact then bleeds.
   Facts whose subject the stream edits (this batch or earlier) are left out of the preserved set (one
   does not preserve the fact being rewritten), so P is rebuilt per call, an eigh of an in × in matrix.
-- ΔW = Rᵀ V with V = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G) + ``l2_weight`` · I (the reference's ``L2``),
+  With ``preserve_gram_weight`` γ > 0 the same keys also join the soft term beside G (γ · Σ k kᵀ): the update
+  is kept off each preserved fact's key in least squares, as off an earlier edit's, where P's hard rule keeps
+  only the directions above the threshold. Not in the paper; on the world decoder it trades efficacy for
+  untouched-fact recall (configs/edit/alphaedit_decoder.yaml).
+- ΔW = Rᵀ V with V = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G [+ γ Σ k kᵀ]) + ``l2_weight`` · I (the reference's ``L2``),
   solved in float64: the minimiser of ‖(ΔW P) K - R‖² + ‖ΔW P‖² · l2 + ‖(ΔW P) K_prev‖², written as
   ΔW = ΔW P.
 
@@ -54,6 +58,7 @@ class AlphaEditHyperParams(MEMITHyperParams):
     preserve_source: str | None = None  # requests whose facts' keys join the preserved set (None: corpus C alone)
     preserve_weight: float = 0.0  # β: weight of the preserved facts' mean k kᵀ beside C
     preserve_limit: int | None = None  # use at most this many preserved facts (None: all)
+    preserve_gram_weight: float = 0.0  # γ: the preserved facts' keys also in the soft term, γ·Σ k kᵀ beside G
 
 
 def hparams_from(spec: AlphaEditHyperParams | dict | str | None = None, **overrides) -> AlphaEditHyperParams:
@@ -139,24 +144,32 @@ class AlphaEditEditor(MEMITEditor):
             if key not in self._projectors:
                 self._projectors[key] = self._null_space(self.covariance(loaded, layer), layer)
             return self._projectors[key]
-        subjects, keys = self.preserved_keys(loaded, layer)
-        edited = self.stream_subjects | self._batch_subjects
-        keep = torch.tensor([s not in edited for s in subjects])
-        k = keys[keep]
+        k = self.kept_preserved_keys(loaded, layer)
         cov = self.covariance(loaded, layer).to(torch.float64) + hp.preserve_weight * (k.T @ k) / max(len(k), 1)
         return self._null_space(cov, layer)
 
+    def kept_preserved_keys(self, loaded, layer: int) -> torch.Tensor:
+        """The preserved facts' keys at ``layer``, less those whose subject the stream edits (so far or now)."""
+        subjects, keys = self.preserved_keys(loaded, layer)
+        edited = self.stream_subjects | self._batch_subjects
+        return keys[torch.tensor([s not in edited for s in subjects], dtype=torch.bool)]
+
     def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        name = f"{loaded.adapter.mlp_out_name(layer, self.hp.stack)}.weight"
-        gram = self.gram.get(name) if self.hp.stream_keys else None
-        return alphaedit_directions(keys, self.projector(loaded, layer), gram, self.hp.l2_weight)
+        hp = self.hp
+        name = f"{loaded.adapter.mlp_out_name(layer, hp.stack)}.weight"
+        gram = self.gram.get(name) if hp.stream_keys else None
+        if hp.preserve_source and hp.preserve_gram_weight:
+            k = self.kept_preserved_keys(loaded, layer)
+            soft = hp.preserve_gram_weight * (k.T @ k)
+            gram = soft if gram is None else gram.to(torch.float64) + soft
+        return alphaedit_directions(keys, self.projector(loaded, layer), gram, hp.l2_weight)
 
     def prepare(self, loaded) -> None:
         """Statistics from the model before any edit of the stream (``lethe edit`` calls this before it applies
         a resumed run's weights, so a resumed stream uses what the uninterrupted one used)."""
         for layer in self.hp.layers:
             self.covariance(loaded, layer)
-            if self.hp.preserve_source and self.hp.preserve_weight:
+            if self.hp.preserve_source and (self.hp.preserve_weight or self.hp.preserve_gram_weight):
                 self.preserved_keys(loaded, layer)
 
     def edit(self, loaded, requests) -> EditArtifact:

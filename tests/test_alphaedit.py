@@ -487,3 +487,31 @@ def test_a_threshold_above_every_eigenvalue_warns_and_the_artifact_records_the_n
     assert all(0 < d < w for d, w, _ in art2.meta["null_space"].values())
     art2.save(tmp_path / "art")
     assert EditArtifact.load(tmp_path / "art").meta["null_space"] == art2.meta["null_space"]
+
+
+@pytest.mark.filterwarnings("ignore:AlphaEdit. nullspace_threshold")
+def test_preserve_gram_weight_keeps_preserved_keys_outputs_and_still_writes_the_edit(tmp_path):
+    """preserve_gram_weight γ puts the preserved facts' keys in the update's soft term (γ‖ΔW P k‖² each): with
+    P = I (a threshold above every eigenvalue), γ = 100 cuts what the update does to the preserved keys many
+    times over, more than it cuts the write at the edit's own key."""
+    write_counterfact([request(i) for i in range(2, 8)], tmp_path / "keep.json")
+
+    def edit(gamma: float):
+        lm_ = tiny("llama")
+        hp = {**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 0.0,
+              "preserve_gram_weight": gamma, "nullspace_threshold": 1e12, "l2_weight": 1e-2}
+        ed = AlphaEditEditor(hp, cache_dir=str(tmp_path / "cov"), progress=False)
+        art = ed.edit(lm_, [request(0)])
+        out = {}
+        for layer, name in zip(hp["layers"], sorted(art.deltas)):
+            d = art.deltas[name].to(torch.float64)  # (out, in)
+            kept, own = ed.kept_preserved_keys(lm_, layer), art.factors[name]["k"].to(torch.float64)
+            out[layer] = (float((kept @ d.T).norm()), float((own @ d.T).norm()))
+        return out
+
+    free, held = edit(0.0), edit(1e2)
+    for layer in free:
+        (kept_free, own_free), (kept_held, own_held) = free[layer], held[layer]
+        assert kept_held < 0.1 * kept_free  # the preserved keys' outputs move far less (50-90x here)
+        assert own_held / kept_held > 4 * own_free / kept_free  # the update is more selective (~8x here)
+        assert own_held > 0.02 * own_free  # and the edit's key is still written
