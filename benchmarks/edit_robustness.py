@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hardware import parallel_map
 
     workers = max(1, min(args.workers, len(jobs)))
-    rows = parallel_map(attack_edits, jobs, workers, args.threads)
+    rows = parallel_map(attack_edits, jobs, workers, args.threads, desc="edit robustness (model, method) jobs")
     for job, row in sorted(zip(jobs, rows), key=lambda jr: methods.index(jr[0]["method"])):
         result["models"][job["model"]][job["method"]] = row
     result["workers"] = workers

@@ -109,16 +109,32 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def parallel_map(fn: Callable[[dict], object], jobs: list, workers: int, threads: int) -> list:
+def parallel_map(fn: Callable[[dict], object], jobs: list, workers: int, threads: int,
+                 desc: str = "jobs") -> list:
     """``[fn(job) for job in jobs]``, in ``workers`` spawned processes splitting ``threads`` CPU threads (one
-    process: in this one). Independent model jobs use a small CPU best this way: greedy decoding's small matrices
-    do not split well across threads (2 single-threaded processes did 1.2x the work of one 2-threaded process)."""
-    workers = max(1, min(workers, len(jobs)))
-    if workers == 1:
-        return [fn(job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    process: in this one), in the order of ``jobs``, with a progress display of the jobs done (``desc``; a bar on
+    a terminal, lines in a log). Independent model jobs use a small CPU best this way: greedy decoding's small
+    matrices do not split well across threads (2 single-threaded processes did 1.2x the work of one 2-threaded
+    process)."""
+    from lethe.progress import Progress
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
-                             initargs=(max(1, threads // workers),)) as pool:
-        return list(pool.map(fn, jobs))
+    progress = Progress(len(jobs), desc, every=1)
+    workers = max(1, min(workers, len(jobs)))
+    try:
+        if workers == 1:
+            out = []
+            for job in jobs:
+                out.append(fn(job))
+                progress.update()
+            return out
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
+                                 initargs=(max(1, threads // workers),)) as pool:
+            futures = [pool.submit(fn, job) for job in jobs]
+            for _ in as_completed(futures):
+                progress.update()
+            return [f.result() for f in futures]
+    finally:
+        progress.close()

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hardware import parallel_map
 
     workers = max(1, min(args.workers, len(jobs)))
-    rows = parallel_map(attack_model, jobs, workers, args.threads)
+    rows = parallel_map(attack_model, jobs, workers, args.threads, desc="privacy attack jobs (2 a model)")
     for job, part in zip(jobs, rows):
         row = result["models"].setdefault(job["name"], {"seconds": 0.0, "attack_seconds": {}})
         row["seconds"] = round(row["seconds"] + part.pop("seconds"), 1)

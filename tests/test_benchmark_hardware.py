@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from hardware import count_flops, matmul_rate, mfu
+from hardware import count_flops, matmul_rate, mfu, parallel_map
 
 
 def test_count_flops_counts_matmuls_forward_and_backward():
@@ -43,3 +43,13 @@ def test_peak_rss_is_the_phases_own_not_an_earlier_phases():
     assert second.mb >= first.mb + 100
     if first.phase_only:  # Linux: the 400 MB of the earlier phase are not charged to the first
         assert first.mb < earlier.mb - 200
+
+
+def test_parallel_map_keeps_the_jobs_order_in_processes_and_shows_progress(capsys):
+    """Two spawned processes give the results in the order of the jobs, as one process does, and every job done
+    shows on the progress display (a line each in a log)."""
+    jobs = [{"a": 1}, {}, {"a": 1, "b": 2}, {"c": 3}]
+    assert parallel_map(len, jobs, workers=2, threads=2, desc="sizes") == [1, 0, 2, 1]
+    assert parallel_map(len, jobs, workers=1, threads=1, desc="sizes") == [1, 0, 2, 1]
+    err = capsys.readouterr().err
+    assert "sizes: 4/4 (100%)" in err and "sizes: 1/4 (25%)" in err
