@@ -12,6 +12,13 @@ new answer on the rewrite prompt and its paraphrases under the constraint KL(ori
 on other inputs (the neighbourhood prompts), as a Lagrangian: loss = CE + λ (KL − margin), λ ≥ 0 raised
 by gradient ascent; the margin shrinks linearly from margin_max to margin_min over margin_steps.
 Batched editing sums the per-request updates (each request has its own text and gradient).
+
+``precondition`` (not in the paper): the gradient's input factor x of each MLP output projection is replaced by
+x M, M = (C + ρ·c̄·I)⁻¹ · c̄ with C = E[k kᵀ] of that matrix's inputs over a corpus (lethe's covariance cache)
+and c̄ = tr C / d, ROME's key direction C⁻¹k, scaled to leave an isotropic C alone. The elementwise masks A and B
+can only reweight coordinates; M takes out what every input shares (a relation's template), so an update from
+one prompt moves less on the prompts that share only its template. M is a buffer of the network, saved with it,
+so an editor applied elsewhere uses the M it was trained with.
 """
 
 from __future__ import annotations
@@ -44,11 +51,19 @@ class KENet(HyperNet):
         """The network a training run with these hyperparameters (its checkpoint's) built."""
         embed_dim = loaded.adapter.embeddings(loaded.model).weight.shape[1]
         return cls(sites, embed_dim, hparams.get("lstm_hidden", 128), hparams.get("cond_dim", 256),
-                   hparams.get("hidden", 128), hparams.get("max_scale", 1.0), hparams.get("smoothing", 0.1))
+                   hparams.get("hidden", 128), hparams.get("max_scale", 1.0), hparams.get("smoothing", 0.1),
+                   preconditioned_sites(sites, loaded.adapter, loaded.model, hparams.get("stack"))
+                   if hparams.get("precondition") else ())
 
     def __init__(self, sites: Sequence[Site], embed_dim: int, lstm_hidden: int = 128, cond_dim: int = 256,
-                 hidden: int = 128, max_scale: float = 1.0, smoothing: float = 0.1) -> None:
+                 hidden: int = 128, max_scale: float = 1.0, smoothing: float = 0.1,
+                 preconditioned: Sequence[str] = ()) -> None:
         super().__init__(sites)
+        # precondition: per site key, M (in × in), identity until set (module docstring)
+        self.preconditioned = list(preconditioned)
+        for s in self.sites:
+            if site_key(s) in self.preconditioned:
+                self.register_buffer(f"whiten__{site_key(s)}", torch.eye(s.in_features))
         self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
         self.to_cond = nn.Sequential(nn.Linear(2 * lstm_hidden, cond_dim), nn.Tanh())
         self.conditioners = nn.ModuleDict({
@@ -75,6 +90,20 @@ class KENet(HyperNet):
         _, (h, _) = self.lstm(packed)
         return self.to_cond(torch.cat([h[-2], h[-1]], -1))  # final states of both directions
 
+    def whitened(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """The gradient's input factor, preconditioned where the site is (x M), else as it is."""
+        if site_key(site) not in self.preconditioned:
+            return x
+        return x @ getattr(self, f"whiten__{site_key(site)}").to(x.dtype)
+
+    def set_preconditioner(self, site: Site, cov: torch.Tensor, ridge: float) -> None:
+        """M = (C + ρ·c̄·I)⁻¹ · c̄ (c̄ = tr C / d) from the inputs' second moment C, computed in float64."""
+        c = cov.to(torch.float64)
+        mean = float(torch.diagonal(c).mean())
+        m = torch.linalg.inv(c + ridge * mean * torch.eye(c.shape[0], dtype=torch.float64)) * mean
+        buf = getattr(self, f"whiten__{site_key(site)}")
+        buf.copy_(((m + m.T) / 2).to(buf.dtype))
+
     def update_for(self, site: Site, c: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         m, n = site.shape
         col_a, row_a, col_b, row_b, eta = self.conditioners[site_key(site)](c).split([n, m, n, m, 1], -1)
@@ -94,11 +123,25 @@ class KENet(HyperNet):
                 total = None
                 for i in g:
                     x, delta = fac.select(s, [i])
-                    upd = self.update_for(s, cond[i], delta.T @ x)
+                    upd = self.update_for(s, cond[i], delta.T @ self.whitened(s, x))
                     total = upd if total is None else total + upd
                 d[s.param] = total
             out.append(d)
         return out
+
+
+def preconditioned_sites(sites: Sequence[Site], adapter, model, stack: str | None = None) -> list[str]:
+    """The site keys ``precondition`` applies to: the MLP output projections (whose inputs lethe's covariance
+    cache measures)."""
+    outs = {adapter.mlp_out_name(i, stack) for i in range(adapter.num_layers(model, stack))}
+    return [site_key(s) for s in sites if s.module in outs]
+
+
+def site_layer(site: Site, adapter, model, stack: str | None = None) -> int:
+    for i in range(adapter.num_layers(model, stack)):
+        if adapter.mlp_out_name(i, stack) == site.module:
+            return i
+    raise ValueError(f"{site.module} is not an MLP output projection")
 
 
 class KEEditor(HypernetEditor):

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from lethe.checks import check_range
-from lethe.hypernetworks import KINDS
-from lethe.knowledge_editor import KENet
+from lethe.covariance import layer_covariance
+from lethe.hypernetworks import KINDS, site_key
+from lethe.knowledge_editor import KENet, preconditioned_sites, site_layer
 from lightning_modules.hypernet_common import HypernetModule
 
 
@@ -32,6 +33,10 @@ class KnowledgeEditorModule(HypernetModule):
         success_floor / success_metric / c_rival: the checkpoint selection's floor and the optional neighbour-margin
             loss, shared by the hypernetwork editors (see ``HypernetModule``).
         lr_decay: both learning rates fall linearly to zero at the last step (steadier late training).
+        precondition / precondition_corpus / precondition_samples / precondition_ridge: the gradient's input
+            factor at the MLP output projections times (C + ρ·c̄·I)⁻¹·c̄, C the inputs' second moment over
+            ``precondition_samples`` texts of ``precondition_corpus`` (lethe's covariance cache; not in the
+            paper, see :mod:`lethe.knowledge_editor`).
     """
 
     method = "ke"
@@ -42,13 +47,27 @@ class KnowledgeEditorModule(HypernetModule):
                  margin_max: float = 0.1, margin_min: float = 0.01, margin_steps: int = 1000,
                  edits_per_step: int = 1, max_length: int | None = None, dtype: str = "float32",
                  trust_remote_code: bool = False, tokenizer: str | None = None, success_floor: float = 0.9,
-                 lr_decay: bool = False, c_rival: float = 0.0, success_metric: str = "edit_success") -> None:
-        check_range(non_negative={"lr": lr, "lr_lagrange": lr_lagrange, "margin_min": margin_min})
+                 lr_decay: bool = False, c_rival: float = 0.0, success_metric: str = "edit_success",
+                 precondition: bool = False, precondition_corpus: str | list[str] = "pydoc", precondition_samples: int = 1000,
+                 precondition_ridge: float = 1e-2) -> None:
+        check_range(non_negative={"lr": lr, "lr_lagrange": lr_lagrange, "margin_min": margin_min,
+                                  "precondition_ridge": precondition_ridge})
         super().__init__(model, layers, kinds, stack, edits_per_step, max_length, dtype, trust_remote_code, tokenizer,
                          success_floor, c_rival, success_metric)
         self.save_hyperparameters()
         embed_dim = self.adapter.embeddings(self.model).weight.shape[1]
-        self.net = KENet(self.sites, embed_dim, lstm_hidden, cond_dim, hidden, max_scale, smoothing)
+        pre = preconditioned_sites(self.sites, self.adapter, self.model, stack) if precondition else []
+        if precondition and not pre:
+            raise ValueError("model.init_args.precondition: none of the edited matrices is an MLP output projection "
+                             "(kinds needs mlp_out)")
+        self.net = KENet(self.sites, embed_dim, lstm_hidden, cond_dim, hidden, max_scale, smoothing, pre)
+        for s in self.sites:
+            if site_key(s) in pre:
+                cov = layer_covariance(self.model, self.tokenizer, self.adapter, self.family,
+                                       site_layer(s, self.adapter, self.model, stack), stack,
+                                       corpus=precondition_corpus, n_samples=precondition_samples,
+                                       source=self.model_source)
+                self.net.set_preconditioner(s, cov, precondition_ridge)
         self.net.max_length = self.max_length
         self.lagrange = nn.Parameter(torch.ones(()))
 

@@ -113,3 +113,51 @@ def test_the_kl_constraint_raises_heldout_neighbourhood():
     assert lagrange[100.0] == 0.0 and lagrange[1e-3] > 1.0, lagrange
     assert tight["neighborhood"] > loose["neighborhood"], scores
     assert tight["efficacy"] >= 0.3, scores
+
+
+def test_preconditioned_update_whitens_the_gradient_at_mlp_outputs_and_travels_with_the_checkpoint(tiny_gpt2,
+                                                                                                  tmp_path):
+    """precondition: at the MLP output projection the gradient's input factor is x M, M = (C + ρ·c̄·I)⁻¹·c̄ from
+    the inputs' second moment; the MLP input projection keeps the plain gradient. M is saved with the editor,
+    so a checkpoint applied to a freshly loaded model gives the trained network's edit."""
+    from lethe.covariance import layer_covariance
+    from lethe.hypernetworks import site_key
+
+    texts = [" ".join(f"w{(7 * i + 3 * j) % 60}" for j in range(12)) for i in range(40)]
+    L.seed_everything(0)
+    module = KnowledgeEditorModule(tiny_gpt2, layers=[-1], smoothing=0.0, lr=1e-2, precondition=True,
+                                   precondition_corpus=texts, precondition_samples=40, precondition_ridge=0.05)
+    net = module.net
+    outs = [s for s in module.sites if site_key(s) in net.preconditioned]
+    assert len(outs) == 1 and outs[0].module.endswith("mlp.c_proj") and len(module.sites) == 2
+    site = outs[0]
+    cov = layer_covariance(module.model, module.tokenizer, module.adapter, module.family, 1, corpus=texts,
+                           n_samples=40, source=module.model_source).to(torch.float64)
+    mean = float(torch.diagonal(cov).mean())
+    m = getattr(net, f"whiten__{site_key(site)}").to(torch.float64)
+    torch.testing.assert_close(m @ (cov + 0.05 * mean * torch.eye(cov.shape[0], dtype=torch.float64)),
+                               mean * torch.eye(cov.shape[0], dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(m, torch.eye(m.shape[0], dtype=torch.float64), atol=1e-2)
+    reqs = REQS[:1]
+    batch = lm.encode_pairs(module.tokenizer, module.family, [reqs[0].rewrite_prompt], [reqs[0].target_new])
+    fac = gradient_factors(module.model, module.family, module.sites, batch)
+    net.eval()
+    with torch.no_grad():
+        got = net.deltas(module.model, module.tokenizer, module.family, reqs)[0]
+        c = net.condition(module.model, module.tokenizer, reqs)[0]
+        for s in module.sites:
+            x, d = fac.select(s, [0])
+            grad = d.T @ (x @ m.float() if s is site else x)
+            torch.testing.assert_close(got[s.param], net.update_for(s, c, grad), rtol=1e-4, atol=1e-7)
+    trainer = fit(module, steps=2)
+    ckpt = tmp_path / "ke_pc.ckpt"
+    trainer.save_checkpoint(ckpt)
+    module.net.eval()
+    with torch.no_grad():
+        want = module.net.deltas(module.model, module.tokenizer, module.family, REQS[:2])[0]
+    fresh = load_model(tiny_gpt2)
+    art = KEEditor(str(ckpt)).edit(fresh, REQS[:2])
+    for name, d in want.items():
+        torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="kinds needs mlp_out"):
+        KnowledgeEditorModule(tiny_gpt2, layers=[-1], kinds=["mlp_in"], precondition=True, precondition_corpus=texts)
