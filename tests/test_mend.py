@@ -243,11 +243,13 @@ def _own_requests(n: int, offset: int = 0) -> list[EditRequest]:
 
 
 @pytest.mark.slow
-def test_smollm2_preset_trains_on_a_users_42_requests_and_applies_in_another_process(tiny_dirs, tmp_path):
-    """The shipped SmolLM2 MEND preset with a user's own file of 42 requests (model swapped for a tiny Llama):
-    validation every 6 steps runs across epochs of 5 batches (no Lightning interval error), ``best.ckpt`` is
-    kept by ``val/selection``, the exported editor is that checkpoint's, and ``lethe edit`` in a second
-    process writes exactly the deltas this process computes with it."""
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_smollm2_preset_trains_on_a_users_42_requests_and_applies_in_another_process(tiny_dirs, tmp_path, method):
+    """The shipped SmolLM2 MEND and KE presets with a user's own file of 42 requests (model swapped for a tiny
+    Llama; KE's preconditioner from a small corpus of the tiny vocabulary): validation every 6 steps runs across
+    epochs of 5 batches (no Lightning interval error), ``best.ckpt`` is kept by ``val/selection``, the exported
+    editor is that checkpoint's, and ``lethe edit`` in a second process writes exactly the deltas this process
+    computes with it."""
     import json
     import subprocess
     import sys
@@ -256,13 +258,21 @@ def test_smollm2_preset_trains_on_a_users_42_requests_and_applies_in_another_pro
     import yaml
 
     from lethe.edits import EditArtifact
+    from lethe.knowledge_editor import KEEditor
     from lethe.records import write_counterfact
 
     root = Path(__file__).resolve().parents[1]
     write_counterfact(_own_requests(42), tmp_path / "mine.json")
     write_counterfact(_own_requests(4, offset=42), tmp_path / "val.json")
-    preset = yaml.safe_load((root / "configs/edit/mend_smollm2.yaml").read_text())
-    preset["model"]["init_args"].update(model=tiny_dirs["llama"], layers=[-1], rank=8)
+    preset = yaml.safe_load((root / f"configs/edit/{method}_smollm2.yaml").read_text())
+    preset["model"]["init_args"].update(model=tiny_dirs["llama"], layers=[-1])
+    if method == "mend":
+        preset["model"]["init_args"].update(rank=8)
+    else:
+        assert preset["model"]["init_args"]["precondition"] is True
+        preset["model"]["init_args"].update(
+            precondition_corpus=[" ".join(f"w{(7 * i + 3 * j) % 60}" for j in range(12)) for i in range(40)],
+            precondition_samples=40)
     preset["data"]["init_args"].update(source=str(tmp_path / "mine.json"), val_source=str(tmp_path / "val.json"),
                                        heldout_source=None, counterfactuals=1)
     preset["trainer"].update(max_steps=12, val_check_interval=6, accelerator="cpu", enable_progress_bar=False)
@@ -283,10 +293,10 @@ def test_smollm2_preset_trains_on_a_users_42_requests_and_applies_in_another_pro
     val_steps = [r.split(",")[head.index("step")] for r in rows[1:] if r.split(",")[head.index("val/selection")]]
     assert len(val_steps) == 2  # steps 6 and 12, across epochs of 5 batches
     best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
-    exported = MENDEditor(str(run / "editor"))
+    exported = (MENDEditor if method == "mend" else KEEditor)(str(run / "editor"))
     apply_cfg = {
         "model": {"class_path": "lightning_modules.editing.EditingModule", "init_args": {
-            "model": tiny_dirs["llama"], "editor": "mend", "editor_args": {"checkpoint": str(run / "editor")},
+            "model": tiny_dirs["llama"], "editor": method, "editor_args": {"checkpoint": str(run / "editor")},
             "sequential": False}},
         "data": {"class_path": "datamodules.edits.EditDataModule",
                  "init_args": {"source": str(tmp_path / "val.json"), "limit": 2}},
