@@ -56,6 +56,20 @@ def test_update_is_the_conditioned_gradient_formula(tmp_path, model_type):
         assert not torch.allclose(got[0][site.param], got[1][site.param])  # each edit its own text and gradient
 
 
+def _applied_as_trained(module, trainer, ckpt, model_path: str, reqs):
+    """Save ``trainer``'s checkpoint to ``ckpt``, apply it with ``KEEditor`` to a freshly loaded model and check
+    its deltas are the trained network's; returns (that model, the artifact)."""
+    trainer.save_checkpoint(ckpt)
+    module.net.eval()
+    with torch.no_grad():
+        want = module.net.deltas(module.model, module.tokenizer, module.family, reqs)[0]
+    fresh = load_model(model_path)
+    art = KEEditor(str(ckpt)).edit(fresh, reqs)
+    for name, d in want.items():
+        torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)
+    return fresh, art
+
+
 def test_training_keeps_base_and_checkpoint_reloads(tiny_gpt2, tmp_path):
     L.seed_everything(0)
     module = KnowledgeEditorModule(tiny_gpt2, layers=[-1], lr=1e-2)
@@ -66,14 +80,7 @@ def test_training_keeps_base_and_checkpoint_reloads(tiny_gpt2, tmp_path):
     assert any(not torch.equal(net0[k], v) for k, v in module.net.state_dict().items())
     assert float(module.lagrange) >= 0.0
     ckpt = tmp_path / "ke.ckpt"
-    trainer.save_checkpoint(ckpt)
-    module.net.eval()
-    with torch.no_grad():
-        want = module.net.deltas(module.model, module.tokenizer, module.family, REQS[:3])[0]
-    fresh = load_model(tiny_gpt2)
-    art = KEEditor(str(ckpt)).edit(fresh, REQS[:3])
-    for name, d in want.items():
-        torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)
+    fresh, art = _applied_as_trained(module, trainer, ckpt, tiny_gpt2, REQS[:3])
     art.revert(fresh.model)
     assert all(torch.equal(base[k], v) for k, v in fresh.model.state_dict().items())
     KnowledgeEditorModule.load_from_checkpoint(ckpt)
@@ -149,15 +156,6 @@ def test_preconditioned_update_whitens_the_gradient_at_mlp_outputs_and_travels_w
             x, d = fac.select(s, [0])
             grad = d.T @ (x @ m.float() if s is site else x)
             torch.testing.assert_close(got[s.param], net.update_for(s, c, grad), rtol=1e-4, atol=1e-7)
-    trainer = fit(module, steps=2)
-    ckpt = tmp_path / "ke_pc.ckpt"
-    trainer.save_checkpoint(ckpt)
-    module.net.eval()
-    with torch.no_grad():
-        want = module.net.deltas(module.model, module.tokenizer, module.family, REQS[:2])[0]
-    fresh = load_model(tiny_gpt2)
-    art = KEEditor(str(ckpt)).edit(fresh, REQS[:2])
-    for name, d in want.items():
-        torch.testing.assert_close(art.deltas[name], d.T.contiguous(), rtol=0, atol=1e-7)
+    _applied_as_trained(module, fit(module, steps=2), tmp_path / "ke_pc.ckpt", tiny_gpt2, REQS[:2])
     with pytest.raises(ValueError, match="kinds needs mlp_out"):
         KnowledgeEditorModule(tiny_gpt2, layers=[-1], kinds=["mlp_in"], precondition=True, precondition_corpus=texts)
