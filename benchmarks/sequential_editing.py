@@ -2,10 +2,10 @@
 
     python benchmarks/sequential_editing.py                          # both models (world decoder, then SmolLM2)
     python benchmarks/sequential_editing.py --models lethe:smollm2 --methods alphaedit,memit   # more methods
+    python benchmarks/sequential_editing.py --models lethe:smollm2 --methods alphaedit --tune   # tuning stream
 
 By default the world decoder runs every method (with the rollback probe) and SmolLM2 runs AlphaEdit alone
 (~42 min here), so the whole benchmark fits in an hour on a 2-core CPU.
-    python benchmarks/sequential_editing.py --models lethe:smollm2 --methods alphaedit --tune   # tuning stream
 
 Streams, per model (``SETUPS``):
 

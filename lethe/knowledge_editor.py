@@ -130,18 +130,16 @@ class KENet(HyperNet):
         return out
 
 
+def mlp_out_layers(adapter, model, stack: str | None = None) -> dict[str, int]:
+    """Each MLP output projection's module name -> its block index."""
+    return {adapter.mlp_out_name(i, stack): i for i in range(adapter.num_layers(model, stack))}
+
+
 def preconditioned_sites(sites: Sequence[Site], adapter, model, stack: str | None = None) -> list[str]:
     """The site keys ``precondition`` applies to: the MLP output projections (whose inputs lethe's covariance
     cache measures)."""
-    outs = {adapter.mlp_out_name(i, stack) for i in range(adapter.num_layers(model, stack))}
+    outs = mlp_out_layers(adapter, model, stack)
     return [site_key(s) for s in sites if s.module in outs]
-
-
-def site_layer(site: Site, adapter, model, stack: str | None = None) -> int:
-    for i in range(adapter.num_layers(model, stack)):
-        if adapter.mlp_out_name(i, stack) == site.module:
-            return i
-    raise ValueError(f"{site.module} is not an MLP output projection")
 
 
 class KEEditor(HypernetEditor):

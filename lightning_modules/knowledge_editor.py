@@ -16,7 +16,7 @@ from torch import nn
 from lethe.checks import check_range
 from lethe.covariance import layer_covariance
 from lethe.hypernetworks import KINDS, site_key
-from lethe.knowledge_editor import KENet, preconditioned_sites, site_layer
+from lethe.knowledge_editor import KENet, mlp_out_layers, preconditioned_sites
 from lightning_modules.hypernet_common import HypernetModule
 
 
@@ -61,10 +61,10 @@ class KnowledgeEditorModule(HypernetModule):
             raise ValueError("model.init_args.precondition: none of the edited matrices is an MLP output projection "
                              "(kinds needs mlp_out)")
         self.net = KENet(self.sites, embed_dim, lstm_hidden, cond_dim, hidden, max_scale, smoothing, pre)
+        layer_of = mlp_out_layers(self.adapter, self.model, stack)
         for s in self.sites:
             if site_key(s) in pre:
-                cov = layer_covariance(self.model, self.tokenizer, self.adapter, self.family,
-                                       site_layer(s, self.adapter, self.model, stack), stack,
+                cov = layer_covariance(self.model, self.tokenizer, self.adapter, self.family, layer_of[s.module], stack,
                                        corpus=precondition_corpus, n_samples=precondition_samples,
                                        source=self.model_source)
                 self.net.set_preconditioner(s, cov, precondition_ridge)
