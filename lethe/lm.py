@@ -250,12 +250,16 @@ def forward_target_logits(model, batch: dict[str, torch.Tensor], family: str) ->
 
 
 def forward_accepts(model, name: str) -> bool:
-    """Whether the (unwrapped) model's forward takes the keyword ``name``."""
+    """Whether the (unwrapped) model's forward takes the keyword ``name`` (False where its signature cannot be
+    read)."""
     import inspect
 
     from lethe.adapters import unwrap
 
-    return name in inspect.signature(unwrap(model).forward).parameters
+    try:
+        return name in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class PrefixCache:

@@ -29,7 +29,6 @@ token (``average_effects`` / ``suggest_layers``); ROME edits the peak, MEMIT a r
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -144,13 +143,6 @@ def _btd(t: torch.Tensor, rows: int, length: int) -> torch.Tensor:
     return t.view(rows, length, t.shape[-1]) if t.dim() == 2 else t
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class _Runner:
     """Runs rows of (noised, partly restored) copies of one encoded prompt and scores the target."""
 
@@ -158,7 +150,7 @@ class _Runner:
         self.model, self.adapter, self.family, self.batch = model, adapter, family, batch
         self.length = batch["input_ids"].shape[1]
         self.keep = None
-        if family == "decoder" and _accepts_logits_to_keep(model):
+        if family == "decoder" and lm.forward_accepts(model, "logits_to_keep"):
             # the target tokens are the last n_target tokens: only their predictions are needed
             self.keep = n_target + 1
 
