@@ -132,8 +132,9 @@ def train_editor(method: str, args):
 def fit_preset(method: str, args) -> tuple[Path, float | None]:
     """Train with ``lethe fit --config <preset>`` in a subprocess (or reuse ``--from-run``): (run folder, seconds)."""
     import os
-    import subprocess
     import sys
+
+    from lethe.interrupts import run_child
 
     if args.from_run:
         return Path(args.from_run), None
@@ -144,7 +145,7 @@ def fit_preset(method: str, args) -> tuple[Path, float | None]:
     if args.quick:
         cmd += ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.init_args.val_size", "4"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run_child(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return root / f"{method}_smollm2", time.perf_counter() - t0
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lethe.interrupts import run_child
+
 METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu", "idk_dpo", "undial")
 # locuslab/open-unlearning's reported TOFU numbers on Llama-3.2-1B-Instruct (forget10 unless noted), for reading
 # beside ours -- another model, another scale; not a target.
@@ -95,7 +97,7 @@ def run_method(method: str, args, target: Path, retain: Path, log: Path) -> dict
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
-        rc = subprocess.run(cmd, check=False, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc = run_child(cmd, check=False, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     seconds = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{method}: lethe fit failed (exit {rc}); see {log}")

@@ -429,6 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     """``lethe <command> ...``. A failure ends with ONE line, ``lethe: error: ...``, and exit code 2;
     ``--debug`` (or ``LETHE_DEBUG=1``) shows the whole traceback instead."""
     from_sys = argv is None
+    if from_sys:
+        from lethe.interrupts import die_with_parent
+
+        die_with_parent()  # a job started by a benchmark (run_child) stops when the benchmark is killed
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LETHE_DEBUG", "") not in ("", "0")
     if "--debug" in argv:

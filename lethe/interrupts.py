@@ -15,3 +15,40 @@ def mark_sigint() -> bool:
 
 def sigint_received() -> bool:
     return _STATE["sigint"]
+
+
+# --------------------------------------------------------------------------- child jobs
+PARENT_ENV = "LETHE_PARENT_PID"  # set by run_child: the job stops (SIGTERM) when that process dies
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to send this process SIGTERM when the process named in ``$LETHE_PARENT_PID`` dies
+    (Linux; elsewhere nothing). ``lethe`` calls it at start, so a benchmark killed mid-run does not leave its
+    ``lethe fit`` child training on: the child gets the SIGTERM a user's Ctrl+C would send, saves and stops."""
+    import os
+    import signal
+    import sys
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # the parent died before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_child(cmd: list[str], *, check: bool = False, **kwargs):
+    """``subprocess.run(cmd, check=check, **kwargs)`` for a ``lethe`` job that must not outlive this process
+    (``die_with_parent``)."""
+    import os
+    import subprocess
+
+    env = {**(kwargs.pop("env", None) or os.environ), PARENT_ENV: str(os.getpid())}
+    return subprocess.run(cmd, check=check, env=env, **kwargs)

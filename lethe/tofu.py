@@ -275,6 +275,7 @@ def ensure_finetuned(role: str, subset: str = "cpu20", seed: int = 0, overrides:
     import subprocess
     import sys
 
+    from lethe.interrupts import run_child
     from lethe.io import file_lock
     from lethe.presets import preset_path
 
@@ -293,7 +294,7 @@ def ensure_finetuned(role: str, subset: str = "cpu20", seed: int = 0, overrides:
               f"{' '.join(cmd[2:])}", flush=True)
         out = open(log, "a") if log else None  # noqa: SIM115 -- closed below
         try:
-            rc = subprocess.run(cmd, check=False, stdout=out, stderr=subprocess.STDOUT if out else None).returncode
+            rc = run_child(cmd, check=False, stdout=out, stderr=subprocess.STDOUT if out else None).returncode
         finally:
             if out:
                 out.close()

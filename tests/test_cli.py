@@ -308,3 +308,48 @@ def test_readme_main_job_killed_after_30_s_resumes_from_its_checkpoint(tmp_path)
     with open(run / "metrics.csv") as fh:
         steps = [int(float(r["step"])) for r in csv.DictReader(fh) if r.get("train/loss")]
     assert len(steps) == len(set(steps)), steps
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_job_started_with_run_child_stops_when_its_parent_is_killed(tmp_path):
+    """A benchmark runs `lethe fit` through lethe.interrupts.run_child; killed (even with SIGKILL), it must not
+    leave the job training on. The child here calls die_with_parent as `lethe` does at start."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (f"from lethe.interrupts import die_with_parent; import os, time; die_with_parent(); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    parent = (f"import sys; from lethe.interrupts import run_child; "
+              f"run_child([sys.executable, '-c', {child!r}], check=False)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env)
+    try:
+        deadline = time.time() + 60
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.time() < deadline and proc.poll() is None, "the child did not start"
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+
+        def alive() -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+            return state != "Z"
+
+        assert alive()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 10
+        while alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(), "the child outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid_file.is_file() and pid_file.read_text():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
