@@ -26,9 +26,14 @@ offers):
   is kept off each preserved fact's key in least squares, as off an earlier edit's, where P's hard rule keeps
   only the directions above the threshold. Not in the paper; on the world decoder it trades efficacy for
   untouched-fact recall (configs/edit/alphaedit_decoder.yaml).
-- ΔW = Rᵀ V with V = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G [+ γ Σ k kᵀ]) + ``l2_weight`` · I (the reference's ``L2``),
-  solved in float64: the minimiser of ‖(ΔW P) K - R‖² + ‖ΔW P‖² · l2 + ‖(ΔW P) K_prev‖², written as
-  ΔW = ΔW P.
+- MEMIT's corpus term, optional (``mom2_update_weight`` λ, 0 in the paper): λ C joins the soft term, so the
+  update also pays λ·E‖ΔW P k‖² over the corpus keys. P removes only the directions whose eigenvalue is above
+  the threshold; where C's spectrum is flat (SmolLM2: the null space still carries 24-44% of the corpus keys'
+  energy at the reference's 2e-2) the rest of the corpus is left to the isotropic ridge. λ C is a ridge
+  weighted by how much the corpus uses each direction. Not in the paper; on in configs/edit/alphaedit_smollm2.yaml.
+- ΔW = Rᵀ V with V = (M⁻¹ P Kᵀ)ᵀ, M = P (KᵀK + G [+ γ Σ k kᵀ] [+ λ C]) + ``l2_weight`` · I (the reference's
+  ``L2``), solved in float64: the minimiser of ‖(ΔW P) K - R‖² + ‖ΔW P‖² · l2 + ‖(ΔW P) K_prev‖², written as
+  ΔW = ΔW P. With P = I, G = 0 and l2 → 0 it is MEMIT's update.
 
 The stream state G lives in the artifacts: every MEMIT-family artifact carries each request's key
 (``factors[param]["k"]``), so ``resume_stream(total)`` rebuilds G from a saved run, and a rolled-back
@@ -50,7 +55,10 @@ from lethe.memit import MEMITEditor, MEMITHyperParams
 
 @dataclass
 class AlphaEditHyperParams(MEMITHyperParams):
-    """MEMIT's knobs plus the null-space rule and the ridge; ``mom2_update_weight`` is not used."""
+    """MEMIT's knobs plus the null-space rule and the ridge. ``mom2_update_weight`` (MEMIT's λ on C) is 0 here,
+    as in the paper; > 0 puts λ C in the soft term (module docstring)."""
+
+    mom2_update_weight: float = 0.0  # λ: MEMIT's corpus term λ C beside G (0: the paper's update)
 
     nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the null space (absolute, as the reference)
     l2_weight: float = 10.0  # ridge on the projected update (the reference's "L2")
@@ -162,6 +170,9 @@ class AlphaEditEditor(MEMITEditor):
             k = self.kept_preserved_keys(loaded, layer)
             soft = hp.preserve_gram_weight * (k.T @ k)
             gram = soft if gram is None else gram.to(torch.float64) + soft
+        if hp.mom2_update_weight:
+            corpus = hp.mom2_update_weight * self.covariance(loaded, layer).to(torch.float64)
+            gram = corpus if gram is None else gram.to(torch.float64) + corpus.to(gram.device)
         return alphaedit_directions(keys, self.projector(loaded, layer), gram, hp.l2_weight)
 
     def prepare(self, loaded) -> None:

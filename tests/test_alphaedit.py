@@ -17,7 +17,7 @@ from lethe import evaluation as ev
 from lethe.adapters import get_adapter
 from lethe.alphaedit import AlphaEditEditor, alphaedit_directions, null_space_projector
 from lethe.edits import EditArtifact, EditArtifactError
-from lethe.memit import MEMITEditor
+from lethe.memit import MEMITEditor, memit_directions
 from lethe.models import LoadedModel
 from lethe.records import EditRequest, write_counterfact
 from lethe.streams import StreamError, check_stream, stream_row
@@ -499,7 +499,7 @@ def test_preserve_gram_weight_keeps_preserved_keys_outputs_and_still_writes_the_
     def edit(gamma: float):
         lm_ = tiny("llama")
         hp = {**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 0.0,
-              "preserve_gram_weight": gamma, "nullspace_threshold": 1e12, "l2_weight": 1e-2}
+              "preserve_gram_weight": gamma, "nullspace_threshold": 1e12, "l2_weight": 1e-2, "mom2_update_weight": 0.0}
         ed = AlphaEditEditor(hp, cache_dir=str(tmp_path / "cov"), progress=False)
         art = ed.edit(lm_, [request(0)])
         out = {}
@@ -515,3 +515,39 @@ def test_preserve_gram_weight_keeps_preserved_keys_outputs_and_still_writes_the_
         assert kept_held < 0.1 * kept_free  # the preserved keys' outputs move far less (50-90x here)
         assert own_held / kept_held > 4 * own_free / kept_free  # the update is more selective (~8x here)
         assert own_held > 0.02 * own_free  # and the edit's key is still written
+
+
+def test_corpus_term_is_memits_update_without_projection_and_spares_the_corpus_inside_the_null_space(tmp_path):
+    """mom2_update_weight λ puts MEMIT's λ C in AlphaEdit's soft term: with P = I, no stream keys and l2 → 0 the
+    update is MEMIT's; with a real null space, λ cuts what the update does to the corpus keys (tr ΔW C ΔWᵀ)
+    and the batch's keys are still written."""
+    lm_ = tiny("llama")
+    g = torch.Generator().manual_seed(3)
+    layer = TINY_HP["layers"][0]
+
+    def editor(**kw):
+        return AlphaEditEditor({**TINY_HP, "stream_keys": False, **kw}, cache_dir=str(tmp_path / "cov"),
+                               progress=False)
+
+    cov = editor().covariance(lm_, layer).to(torch.float64)
+    keys = torch.randn(3, cov.shape[0], generator=g, dtype=torch.float64) * cov.diagonal().sqrt()
+    resid = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    no_projection = editor(mom2_update_weight=3.0, nullspace_threshold=1e12, l2_weight=1e-12)
+    with pytest.warns(UserWarning, match="above every eigenvalue"):  # P = I, as asked
+        direct = no_projection.update_step(lm_, layer, keys, resid)
+    memit = memit_directions(keys, cov, 3.0)
+    assert float((direct - memit).abs().max()) < 1e-6 * float(memit.abs().max())
+
+    evals = torch.linalg.eigvalsh(cov)
+    threshold, c_bar = float(evals.quantile(0.75)), float(evals.mean())  # a null space of 3/4 of the directions
+
+    def update(lam: float) -> torch.Tensor:
+        ed = editor(mom2_update_weight=lam, nullspace_threshold=threshold, l2_weight=1e-3 * c_bar)
+        return resid.T @ ed.update_step(lm_, layer, keys, resid)  # ΔW (out × in)
+
+    free, held = update(0.0), update(30.0)
+    corpus = [float((d @ cov @ d.T).trace()) for d in (free, held)]
+    assert corpus[1] < 0.5 * corpus[0]  # 0.32 -> 0.11 here
+    written = [float(torch.nn.functional.cosine_similarity((d @ keys.T).flatten(), resid.T.flatten(), dim=0))
+               for d in (free, held)]
+    assert min(written) > 0.99  # the batch's keys still get their values
