@@ -5,7 +5,7 @@
     python benchmarks/sequential_editing.py --models lethe:smollm2 --methods alphaedit --tune   # tuning stream
 
 By default the world decoder runs every method (with the rollback probe) and SmolLM2 runs AlphaEdit alone
-(~42 min here), so the whole benchmark fits in an hour on a 2-core CPU.
+(~45 min here; the world decoder ~5 min), so the whole benchmark fits in an hour on a 2-core CPU.
 
 Streams, per model (``SETUPS``):
 
@@ -18,8 +18,9 @@ Streams, per model (``SETUPS``):
   of the bank's facts whose subjects no edit touches (``fact_recall``).
 
 In both, only facts the unedited model knows (P(true) > P(new)) are used, taken round-robin over relations; the
-evaluation stream is the first ``--n`` of them, the tuning stream (``--tune``, where hyperparameters are chosen)
-the facts after those, so no reported fact was used to choose a value. Neighbourhood prompts the unedited model
+evaluation stream is the first ``--n`` of them (at most the model's stream length), the tuning stream (``--tune``,
+where hyperparameters are chosen) ``--n`` of the facts after the model's whole evaluation stream (1000 world facts,
+500 SmolLM2 facts), so no reported fact was used to choose a value. Neighbourhood prompts the unedited model
 gets wrong hold no knowledge to keep and are dropped once, up front; a neighbour about a subject the stream has
 already edited for the same relation is left out and counted (``lethe.streams``).
 
@@ -71,7 +72,7 @@ SETUPS = {
     "lethe:world-decoder": {"source": "world:train", "n": 1000, "precision": "32", "methods": ",".join(METHODS),
                             "rollback": 10,
                             "general_metric": "greedy recall of world facts whose subjects no edit touches"},
-    # AlphaEdit alone by default (~42 min here); ROME, MEMIT and FT-L on this stream: --methods
+    # AlphaEdit alone by default (~45 min here); ROME, MEMIT and FT-L on this stream: --methods
     "lethe:smollm2": {"source": "fact_bank", "n": 500, "precision": "bf16-mixed", "methods": "alphaedit",
                       "rollback": 0,
                       "general_metric": "perplexity of 100 held-out Python-doc passages (fact_recall: greedy recall "
@@ -79,8 +80,9 @@ SETUPS = {
 }
 
 
-def stream_requests(loaded, source: str, n: int, seed: int, tune: bool) -> tuple[list, list, dict]:
-    """(stream, every known fact, info): the evaluation stream or the tuning stream after it (module docstring)."""
+def stream_requests(loaded, source: str, n: int, seed: int, tune: bool, evaluation_n: int) -> tuple[list, list, dict]:
+    """(stream, every known fact, info): the evaluation stream (the first ``n`` known facts) or the tuning stream
+    (the ``n`` after the model's ``evaluation_n``-fact evaluation stream, so the two never share a fact)."""
     from editing_memit import spread_over_relations
 
     from lethe.sources import load_requests
@@ -88,7 +90,10 @@ def stream_requests(loaded, source: str, n: int, seed: int, tune: bool) -> tuple
     pool = load_requests(source, seed=seed)
     known = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, pool)["efficacy_per_case"]
     usable = spread_over_relations([r for r, e in zip(pool, known) if e == 0.0])
-    stream = usable[n:2 * n] if tune else usable[:n]  # the tuning stream may be shorter (the facts left)
+    if not tune and n > evaluation_n:
+        raise SystemExit(f"--n {n}: the evaluation stream has at most {evaluation_n} edits here; the known facts "
+                         f"after those are the tuning stream")
+    stream = usable[evaluation_n:evaluation_n + n] if tune else usable[:n]  # tuning: may be shorter (the facts left)
     if len(stream) < (1 if tune else n):
         raise SystemExit(f"only {len(stream)} known facts for a stream of {n} ({source} has {len(usable)})")
     stream, unknown = ev.known_neighbours_only(loaded.model, loaded.tokenizer, loaded.family, stream)
@@ -233,7 +238,7 @@ def run_model(model: str, args, out: Path) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     loaded = load_model(model)
-    stream, usable, info = stream_requests(loaded, setup["source"], margs.n, args.seed, args.tune)
+    stream, usable, info = stream_requests(loaded, setup["source"], margs.n, args.seed, args.tune, setup["n"])
     general, general_info = general_for(model, stream, usable)
     info.update(general_info, general_metric=setup["general_metric"], precision=setup["precision"])
     original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
