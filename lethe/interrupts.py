@@ -29,7 +29,7 @@ def die_with_parent() -> None:
     import signal
     import sys
 
-    parent = os.environ.get(PARENT_ENV)
+    parent = os.environ.pop(PARENT_ENV, None)  # not inherited: this job's own children (DDP ranks) are its own
     if not parent or not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -318,7 +318,8 @@ def test_a_job_started_with_run_child_stops_when_its_parent_is_killed(tmp_path):
     import time
 
     pid_file = tmp_path / "child.pid"
-    child = (f"from lethe.interrupts import die_with_parent; import os, time; die_with_parent(); "
+    child = (f"from lethe.interrupts import die_with_parent, PARENT_ENV; import os, time; die_with_parent(); "
+             f"assert PARENT_ENV not in os.environ; "  # the job's own children (DDP ranks) must not inherit it
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
     parent = (f"import sys; from lethe.interrupts import run_child; "
               f"run_child([sys.executable, '-c', {child!r}], check=False)")
