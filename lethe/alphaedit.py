@@ -165,14 +165,15 @@ class AlphaEditEditor(MEMITEditor):
     def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         hp = self.hp
         name = f"{loaded.adapter.mlp_out_name(layer, hp.stack)}.weight"
-        gram = self.gram.get(name) if hp.stream_keys else None
+        soft = []  # the soft term beside KᵀK: G, γ Σ k kᵀ over the kept preserved keys, λ C
+        if hp.stream_keys and name in self.gram:
+            soft.append(self.gram[name])
         if hp.preserve_source and hp.preserve_gram_weight:
             k = self.kept_preserved_keys(loaded, layer)
-            soft = hp.preserve_gram_weight * (k.T @ k)
-            gram = soft if gram is None else gram.to(torch.float64) + soft
+            soft.append(hp.preserve_gram_weight * (k.T @ k))
         if hp.mom2_update_weight:
-            corpus = hp.mom2_update_weight * self.covariance(loaded, layer).to(torch.float64)
-            gram = corpus if gram is None else gram.to(torch.float64) + corpus.to(gram.device)
+            soft.append(hp.mom2_update_weight * self.covariance(loaded, layer).to(torch.float64))
+        gram = sum(t.to(keys.device, torch.float64) for t in soft) if soft else None
         return alphaedit_directions(keys, self.projector(loaded, layer), gram, hp.l2_weight)
 
     def prepare(self, loaded) -> None:
