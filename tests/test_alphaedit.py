@@ -551,3 +551,34 @@ def test_corpus_term_is_memits_update_without_projection_and_spares_the_corpus_i
     written = [float(torch.nn.functional.cosine_similarity((d @ keys.T).flatten(), resid.T.flatten(), dim=0))
                for d in (free, held)]
     assert min(written) > 0.99  # the batch's keys still get their values
+
+
+def test_refresh_keys_reads_the_earlier_edits_and_preserved_keys_on_the_model_as_it_is_now(tmp_path):
+    """refresh_keys: G and the preserved facts' keys are read on the model at each call and layer. An edit of
+    layer 0 moves every later key at layer 1, so there the keys stored when edit 0 was written are stale and
+    the fresh ones differ; layer 0's keys (nothing edited below) are the same either way."""
+    write_counterfact([request(i) for i in range(2, 8)], tmp_path / "keep.json")
+    lm_ = tiny("llama")
+    hp = {**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 1.0,
+          "preserve_gram_weight": 1.0, "nullspace_threshold": 1e12, "l2_weight": 1e-2, "mom2_update_weight": 0.0,
+          "refresh_keys": True}
+    ed = AlphaEditEditor(hp, cache_dir=str(tmp_path / "cov"), progress=False)
+    with pytest.warns(UserWarning, match="above every eigenvalue"):
+        first = ed.edit(lm_, [request(0)])
+    stored = dict(ed.gram)  # Σ k kᵀ of edit 0's keys as it was written
+    preserved_before = {layer: ed.kept_preserved_keys(lm_, layer).clone() for layer in (0, 1)}
+    ed.edit(lm_, [request(1)])
+    assert len(ed.stream_rows) == 2 and ed.stream_edits == 2
+    names = sorted(first.deltas)  # layer 0, layer 1
+    for layer, name in zip((0, 1), names):
+        k0 = ed.keys_now(lm_, ed.stream_rows[:1], layer)
+        fresh = ed.stream_gram(lm_, layer, name)
+        assert torch.allclose(fresh, torch.cat([k0, ed.keys_now(lm_, ed.stream_rows[1:], layer)]).T
+                              @ torch.cat([k0, ed.keys_now(lm_, ed.stream_rows[1:], layer)]))
+        moved = float((k0.T @ k0 - stored[name]).norm()) / float(stored[name].norm())
+        assert (moved < 1e-9) if layer == 0 else (moved > 1e-4), (layer, moved)
+        now = ed.kept_preserved_keys(lm_, layer)  # request(1)'s subject is not among the preserved facts
+        drift = float((now - preserved_before[layer]).norm()) / float(preserved_before[layer].norm())
+        assert (drift < 1e-9) if layer == 0 else (drift > 1e-4), (layer, drift)
+    ed.resume_stream(None)
+    assert ed.stream_rows == []
