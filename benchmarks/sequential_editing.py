@@ -241,6 +241,10 @@ def run_model(model: str, args, out: Path) -> dict:
     stream, usable, info = stream_requests(loaded, setup["source"], margs.n, args.seed, args.tune, setup["n"])
     general, general_info = general_for(model, stream, usable)
     info.update(general_info, general_metric=setup["general_metric"], precision=setup["precision"])
+    from lethe.world_models import world_builds
+
+    if builds := world_builds([model]):  # world models: which build (weights fingerprint) the stream ran on
+        info["world_build"] = builds
     original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     unedited = streams.stream_row(loaded, stream, general)
     print(f"[{model} unedited] {unedited}", file=sys.stderr, flush=True)

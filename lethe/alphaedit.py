@@ -33,6 +33,15 @@ offers):
   preserved facts per layer and call): on the world decoder's tuning stream, untouched-fact recall after 750
   edits 0.83 -> 0.87 with efficacy 0.94 -> 0.945 (configs/edit/alphaedit_decoder.yaml). A resumed or rolled-back stream reads them
   from the weights it has, so it matches the uninterrupted run; the artifact's stored keys still serve rollback.
+- Lapsed edits written again, optional (``reassert_edits``, needs ``refresh_keys``): before each call, every
+  earlier edit of the stream whose new object no longer beats the true one on its rewrite prompt (or on one of
+  the ``edit_prompts`` phrasings it was written at; never its held-out paraphrases) joins the
+  call's requests (a new z and key on the current model, same case id) and its own keys leave G for that call
+  (G would otherwise hold the lapsed output where it is). The artifact lists them in ``meta["reasserted"]``;
+  a rollback of such an edit takes every row written for it. With ``reassert_passes`` n, the call's own edits
+  that do not win yet after it are written again, up to n more passes (a strongly protected update writes a
+  new edit only in part). Not in the paper: the null space and G slow the drift of earlier edits, they do not
+  stop it; this repairs what drifted, at one forward per earlier edit per call and pass.
 - MEMIT's corpus term, optional (``mom2_update_weight`` λ, 0 in the paper): λ C joins the soft term, so the
   update also pays λ·E‖ΔW P k‖² over the corpus keys. P removes only the directions whose eigenvalue is above
   the threshold; where C's spectrum is flat (SmolLM2: the null space still carries 24-44% of the corpus keys'
@@ -75,6 +84,8 @@ class AlphaEditHyperParams(MEMITHyperParams):
     preserve_limit: int | None = None  # use at most this many preserved facts (None: all)
     preserve_gram_weight: float = 0.0  # γ: the preserved facts' keys also in the soft term, γ·Σ k kᵀ beside G
     refresh_keys: bool = False  # recompute the preserved facts' and earlier edits' keys on the current model
+    reassert_edits: bool = False  # write again, with each call, the earlier edits whose new object lost its prompt
+    reassert_passes: int = 0  # and then the call's own edits that do not win yet, up to this many more passes
 
 
 def hparams_from(spec: AlphaEditHyperParams | dict | str | None = None, **overrides) -> AlphaEditHyperParams:
@@ -119,6 +130,10 @@ class AlphaEditEditor(MEMITEditor):
         self._preserved: dict[tuple, tuple[list[str], torch.Tensor]] = {}
         self.stream_rows: list = []  # the earlier edits' rows (one per phrasing), for refresh_keys
         self._fresh: dict[tuple, torch.Tensor] = {}  # refresh_keys: this call's keys per (what, layer)
+        self._lapsed: set = set()  # reassert_edits: case ids of the earlier edits this call writes again
+        if self.hp.reassert_edits and not self.hp.refresh_keys:
+            raise ValueError("AlphaEdit hparams: reassert_edits needs refresh_keys: true (a lapsed edit's own keys "
+                             "leave G while it is written again, which the stored keys cannot do)")
         # layer -> [null-space dimension, key dimension, largest eigenvalue] of the last P built (artifact meta)
         self.null_space_dims: dict[int, list] = {}
 
@@ -193,9 +208,10 @@ class AlphaEditEditor(MEMITEditor):
         """G = Σ k kᵀ over the earlier edits' keys: as each was written, or (``refresh_keys``) read now."""
         if not self.hp.refresh_keys:
             return self.gram.get(name)
-        if not self.stream_rows:
+        rows = [r for r in self.stream_rows if r.case_id not in self._lapsed]  # a lapsed edit is rewritten, not kept
+        if not rows:
             return None
-        k = self.keys_now(loaded, self.stream_rows, layer)
+        k = self.keys_now(loaded, rows, layer)
         return k.T @ k
 
     def update_step(self, loaded, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -222,16 +238,61 @@ class AlphaEditEditor(MEMITEditor):
                     and not self.hp.refresh_keys:
                 self.preserved_keys(loaded, layer)
 
+    def lapsed_edits(self, loaded, exclude: set) -> list:
+        """The stream's earlier edits (one request each, as first written) whose new object no longer beats the
+        true one on their rewrite prompt or on a phrasing they were written at (``edit_prompts``), less the case
+        ids in ``exclude``."""
+        import dataclasses
+
+        from lethe import evaluation as ev
+
+        firsts, seen = [], set(exclude)
+        for r in self.stream_rows:
+            if r.case_id not in seen:
+                seen.add(r.case_id)
+                firsts.append(r)
+        if not firsts:
+            return []
+        n = self.hp.edit_prompts  # the phrasings each edit was written at (never its held-out paraphrases)
+        probe = [dataclasses.replace(r, paraphrase_prompts=[t.format(r.subject) for t in r.edit_prompts[:n]],
+                                     neighborhood_prompts=[], neighborhood_targets=[]) for r in firsts]
+        scores = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, probe)
+        return [r for r, e, p in zip(firsts, scores["efficacy_per_case"], scores["paraphrase_per_case"])
+                if e < 1.0 or (p is not None and p < 1.0)]
+
     def edit(self, loaded, requests) -> EditArtifact:
+        """One call of the stream; with ``reassert_edits`` also the earlier edits that lapsed, and then (up to
+        ``reassert_passes`` times) the call's own edits that do not win yet, each pass on the model the last left."""
         self.prepare(loaded)
+        hp = self.hp
+        todo = list(requests)
+        if hp.reassert_edits and self.stream_rows:
+            todo += self.lapsed_edits(loaded, exclude={r.case_id for r in requests})
+        arts, reasserted, call_ids = [], [], set()
+        for n in range(1 + (hp.reassert_passes if hp.reassert_edits else 0)):
+            if n:
+                todo = self.lapsed_edits(loaded, exclude=self.stream_case_ids - call_ids)
+                if not todo:
+                    break
+            reasserted += [r.case_id for r in todo if r.case_id in self.stream_case_ids]
+            arts.append(self._write(loaded, todo))
+            call_ids |= {r.case_id for r in todo}
+        art = arts[0] if len(arts) == 1 else EditArtifact.combine(arts)
+        art._originals = dict(arts[0]._originals)  # revert() puts back the weights from before the call
+        art.meta["null_space"] = {str(layer): list(v) for layer, v in self.null_space_dims.items()}
+        art.meta["reasserted"] = list(dict.fromkeys(reasserted))
+        art.meta["passes"] = len(arts)
+        return art
+
+    def _write(self, loaded, requests) -> EditArtifact:
+        """MEMIT's call with this editor's update step; the requests' own earlier keys leave G meanwhile."""
+        self._lapsed = {r.case_id for r in requests} & self.stream_case_ids
         self._batch_subjects = {r.subject for r in requests}
         self._fresh = {}
         try:
             art = super().edit(loaded, requests)
         finally:
-            self._batch_subjects, self._fresh = set(), {}
-        if art is not None:
-            art.meta["null_space"] = {str(layer): list(v) for layer, v in self.null_space_dims.items()}
+            self._batch_subjects, self._fresh, self._lapsed = set(), {}, set()
         self._add_keys(art, +1)
         return art
 

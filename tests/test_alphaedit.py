@@ -582,3 +582,44 @@ def test_refresh_keys_reads_the_earlier_edits_and_preserved_keys_on_the_model_as
         assert (drift < 1e-9) if layer == 0 else (drift > 1e-4), (layer, drift)
     ed.resume_stream(None)
     assert ed.stream_rows == []
+
+
+@pytest.mark.slow
+def test_reassert_edits_writes_a_lapsed_earlier_edit_again_and_rollback_takes_all_its_rows(world, tmp_path):
+    """reassert_edits (world decoder preset): an earlier edit of the stream whose new object no longer wins its
+    prompt is written again with the next call (its rows join that artifact under the same case id) and wins
+    again; the edits that hold are not rewritten, and a rollback of the lapsed edit takes out all its rows."""
+    loaded, reqs = world
+    snapshot = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    ed = AlphaEditEditor("edit/alphaedit_decoder", cache_dir=str(tmp_path / "cov"), progress=False,
+                         overrides={"mom2_n_samples": 1000, "reassert_edits": True, "refresh_keys": True})
+
+    def wins(rs) -> list[float]:
+        return ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", rs)["efficacy_per_case"]
+
+    try:
+        first = ed.edit(loaded, reqs[:8])
+        assert sum(wins(reqs[:8])) >= 7
+        lapsed = reqs[2]
+        left = first.rollback(loaded.model, first.find([lapsed.case_id]))  # edit 2 lapses, the others still hold
+        assert wins([lapsed]) == [0.0]
+        holding = [r.case_id for r, w in zip(reqs[:8], wins(reqs[:8])) if w == 1.0]
+        second = ed.edit(loaded, reqs[8:16])
+        assert lapsed.case_id in second.meta["reasserted"]
+        assert not set(holding) & set(second.meta["reasserted"])
+        assert wins([lapsed]) == [1.0] and sum(wins(reqs[8:16])) >= 6
+        assert ed.stream_edits == 16
+        assert second.meta["passes"] >= 1 and sum(r.case_id == lapsed.case_id for r in second.requests) >= 1
+        total = EditArtifact.combine([left, second])
+        total.rollback(loaded.model, total.find([lapsed.case_id]))  # every row the second call wrote for it
+        assert wins([lapsed]) == [0.0]
+    finally:
+        with torch.no_grad():
+            params = dict(loaded.model.named_parameters())
+            for n, t in snapshot.items():
+                params[n].copy_(t)
+
+
+def test_reassert_edits_needs_refresh_keys():
+    with pytest.raises(ValueError, match="reassert_edits needs refresh_keys"):
+        AlphaEditEditor({**TINY_HP, "reassert_edits": True, "refresh_keys": False}, progress=False)
