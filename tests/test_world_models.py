@@ -79,3 +79,20 @@ def test_world_models_know_their_training_facts(family):
     miss = lm.greedy_match(loaded.model, loaded.tokenizer, family, [world.training_prompts(f)[0] for f in unseen],
                            [f.object for f in unseen])
     assert miss.float().mean() < 0.5  # facts never trained on are not known: they serve as unseen text
+
+
+def test_a_build_that_does_not_know_its_facts_trains_more_and_otherwise_caches_nothing(tmp_path, monkeypatch):
+    """Under RECALL_FLOOR after its epochs, a build trains TOP_UP_EPOCHS more (up to MAX_TOP_UPS times); one that
+    still falls short raises, naming the recall and the folder, and leaves nothing in the cache."""
+    import lethe.world_models as wm
+
+    monkeypatch.setattr(wm, "TOP_UP_EPOCHS", 1)
+    monkeypatch.setattr(wm, "MAX_TOP_UPS", 1)
+    calls = []
+    real = wm.training_recall
+    monkeypatch.setattr(wm, "training_recall", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setitem(wm.RECIPES, "decoder", {**wm.RECIPES["decoder"], "epochs": 1})  # the floor: defaults only
+    with pytest.raises(RuntimeError, match=r"recalls only 0\.\d+ of its training facts after 1 more epochs"):
+        wm.ensure_world_model("decoder", cache=tmp_path, progress=False)
+    assert len(calls) == 2 and calls[0] < wm.RECALL_FLOOR  # measured after the epochs and after the top-up
+    assert not wm.model_dir("decoder", tmp_path).exists()
