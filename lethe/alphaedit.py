@@ -199,7 +199,8 @@ class AlphaEditEditor(MEMITEditor):
         if self.hp.refresh_keys:
             if ("preserved", layer) not in self._fresh:
                 kept = [r for r in self.preserved_requests() if r.subject not in edited]
-                self._fresh[("preserved", layer)] = self.keys_now(loaded, kept, layer)
+                self._fresh[("preserved", layer)] = (self.keys_now(loaded, kept, layer) if kept else
+                                                     self.preserved_keys(loaded, layer)[1][:0])  # all edited
             return self._fresh[("preserved", layer)]
         subjects, keys = self.preserved_keys(loaded, layer)
         return keys[torch.tensor([s not in edited for s in subjects], dtype=torch.bool)]

@@ -623,3 +623,14 @@ def test_reassert_edits_writes_a_lapsed_earlier_edit_again_and_rollback_takes_al
 def test_reassert_edits_needs_refresh_keys():
     with pytest.raises(ValueError, match="reassert_edits needs refresh_keys"):
         AlphaEditEditor({**TINY_HP, "reassert_edits": True, "refresh_keys": False}, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:AlphaEdit. nullspace_threshold")
+def test_refresh_keys_with_every_preserved_fact_edited_keeps_nothing_and_still_edits(tmp_path):
+    write_counterfact([request(0)], tmp_path / "keep.json")
+    lm_ = tiny("llama")
+    ed = AlphaEditEditor({**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 1.0,
+                          "preserve_gram_weight": 1.0, "refresh_keys": True}, cache_dir=str(tmp_path / "cov"),
+                         progress=False)
+    art = ed.edit(lm_, [request(0)])  # the one preserved fact is the one edited
+    assert ed.kept_preserved_keys(lm_, 0).shape[0] == 0 and float(art.deltas[min(art.deltas)].norm()) > 0
