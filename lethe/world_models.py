@@ -239,10 +239,12 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict, flo
                                                   decay=recipe["decay"])
     data = import_object(TRAINING_JOB["data"])(**training_data(world, family), batch_size=recipe["batch_size"],
                                                max_length=48, add_eos=family == "seq2seq", seed=seed)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=recipe["epochs"], logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=progress, deterministic=True, log_every_n_steps=50,
-    )
+    def trainer_for(epochs: int):
+        return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=progress, deterministic=True,
+                         log_every_n_steps=50)
+
+    trainer = trainer_for(recipe["epochs"])
     if progress:
         print(f"lethe: building the world {family} model ({recipe['arch']}) in {dest} — a few minutes, once")
     trainer.fit(module, datamodule=data)
@@ -253,9 +255,7 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict, flo
         if progress:
             print(f"lethe: the world {family} model recalls {recall:.3f} of its training facts (< {floor}); "
                   f"training {TOP_UP_EPOCHS} more epochs ({top_ups}/{MAX_TOP_UPS})")
-        more = L.Trainer(accelerator="cpu", devices=1, max_epochs=TOP_UP_EPOCHS, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                         deterministic=True, log_every_n_steps=50)
+        more = trainer_for(TOP_UP_EPOCHS)
         more.fit(module, datamodule=data)
         steps += more.global_step
         recall = training_recall(module.model, tokenizer, family, world)
