@@ -31,8 +31,9 @@ offers):
   it, so with several edited layers the later updates are kept off stale keys. With ``refresh_keys`` both are
   read on the model as it is at each call and layer (one forward over the earlier edits' rows and the kept
   preserved facts per layer and call): on the world decoder's tuning stream, untouched-fact recall after 750
-  edits 0.83 -> 0.87 with efficacy 0.94 -> 0.945 (configs/edit/alphaedit_decoder.yaml). A resumed or rolled-back stream reads them
-  from the weights it has, so it matches the uninterrupted run; the artifact's stored keys still serve rollback.
+  edits 0.83 -> 0.87 with efficacy 0.94 -> 0.945 (configs/edit/alphaedit_decoder.yaml). A resumed or
+  rolled-back stream reads them from the weights it has, so it matches the uninterrupted run; the artifact's
+  stored keys still serve rollback.
 - Lapsed edits written again, optional (``reassert_edits``, needs ``refresh_keys``): before each call, every
   earlier edit of the stream whose new object no longer beats the true one on its rewrite prompt (or on one of
   the ``edit_prompts`` phrasings it was written at; never its held-out paraphrases) joins the

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -260,6 +261,7 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict, flo
         steps += more.global_step
         recall = training_recall(module.model, tokenizer, family, world)
     if recall < floor:
+        shutil.rmtree(init, ignore_errors=True)
         raise RuntimeError(f"the world {family} model recalls only {recall:.3f} of its training facts after "
                            f"{TOP_UP_EPOCHS * MAX_TOP_UPS} more epochs (needs {floor}); nothing was cached "
                            f"in {dest}")
@@ -275,8 +277,6 @@ def _build(family: str, dest: Path, seed: int, progress: bool, recipe: dict, flo
                 "build_seconds": round(time.time() - start, 1), "torch": torch.__version__,
                 "steps": steps, "training_recall": round(recall, 4), "top_ups": top_ups}
         (tmp / "lethe_build.json").write_text(json.dumps(info, indent=2) + "\n")
-    import shutil
-
     shutil.rmtree(init, ignore_errors=True)
 
 

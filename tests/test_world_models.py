@@ -95,4 +95,5 @@ def test_a_build_that_does_not_know_its_facts_trains_more_and_otherwise_caches_n
     with pytest.raises(RuntimeError, match=r"recalls only 0\.\d+ of its training facts after 1 more epochs"):
         wm.ensure_world_model("decoder", cache=tmp_path, progress=False)
     assert len(calls) == 2 and calls[0] < wm.RECALL_FLOOR  # measured after the epochs and after the top-up
-    assert not wm.model_dir("decoder", tmp_path).exists()
+    dest = wm.model_dir("decoder", tmp_path)
+    assert not dest.exists() and not (dest.parent / f".{dest.name}-init").exists()  # not even the initial weights
