@@ -38,8 +38,8 @@ offers):
   earlier edit of the stream whose new object no longer beats the true one on its rewrite prompt (or on one of
   the ``edit_prompts`` phrasings it was written at; never its held-out paraphrases) joins the
   call's requests (a new z and key on the current model, same case id) and its own keys leave G for that call
-  (G would otherwise hold the lapsed output where it is). The artifact lists them in ``meta["reasserted"]``;
-  a rollback of such an edit takes every row written for it. With ``reassert_passes`` n, the call's own edits
+  (G would otherwise hold the lapsed output where it is). ``meta["reasserted"]`` lists every edit a call wrote
+  again (lapsed earlier ones and, with passes, its own); a rollback of such an edit takes every row written for it. With ``reassert_passes`` n, the call's own edits
   that do not win yet after it are written again, up to n more passes (a strongly protected update writes a
   new edit only in part). Not in the paper: the null space and G slow the drift of earlier edits, they do not
   stop it; this repairs what drifted, at one forward per earlier edit per call and pass.
