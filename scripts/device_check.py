@@ -3,6 +3,7 @@
     scripts/device_check.sh                      # on a machine with one CUDA GPU: SmolLM2, prints one JSON
     scripts/device_check.sh --out benchmarks/results/device_check.json
     scripts/device_check.sh --dry-run            # the same steps on CPU with the world decoder (the test suite)
+    scripts/device_check.sh --model lethe:world-decoder   # on the GPU, where SmolLM2 cannot be brought
 
 Steps, each timed and reported even when another fails:
 - ``rome``: ROME on SmolLM2 (its preset) on cuda, 5 real facts, one at a time: efficacy, seconds per edit;
@@ -55,7 +56,7 @@ def edit_step(method: str, model: str, n: int, device: str, dry: bool, cache_dir
     preset, hp = editor_preset(method, model)
     overrides = {"mom2_n_samples": 200} if dry else {}
     editor = build_editor(method, {"hparams": hp, "overrides": overrides, "cache_dir": cache_dir, "progress": False})
-    pool = load_requests("world:train" if dry else "real_facts")[: 4 * n]
+    pool = load_requests("world:train" if model.startswith("lethe:world") else "real_facts")[: 4 * n]
     known = ev.counterfact_scores(loaded.model, loaded.tokenizer, loaded.family, pool)["efficacy_per_case"]
     reqs = [r for r, e in zip(pool, known) if e == 0.0][:n]
     t = time.perf_counter()
@@ -78,7 +79,8 @@ def edit_step(method: str, model: str, n: int, device: str, dry: bool, cache_dir
 
 
 def fit_step(preset: str, extra: list[str], root: Path, name: str) -> dict:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     cmd = [sys.executable, "-m", "lethe.cli", "fit", "--config", str(ROOT / preset), "--run.root", str(root),
            "--run.name", name, "--run.logger", "csv", "--model.init_args.save_dir", str(root / name / "model"),
            *extra]
@@ -101,6 +103,8 @@ def fit_step(preset: str, extra: list[str], root: Path, name: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, the world decoder, a couple of steps each")
+    parser.add_argument("--model", default=None, choices=("lethe:smollm2", "lethe:world-decoder"),
+                        help="default: lethe:smollm2 on the GPU, lethe:world-decoder with --dry-run")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     import torch
@@ -109,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not dry and not torch.cuda.is_available():
         raise SystemExit("device_check: no CUDA GPU here; use --dry-run to check the script on CPU")
     device = "cpu" if dry else "cuda"
-    model = "lethe:world-decoder" if dry else "lethe:smollm2"
+    model = args.model or ("lethe:world-decoder" if dry else "lethe:smollm2")
     accel = ["--trainer.accelerator", "cpu" if dry else "gpu", "--trainer.devices", "1"]
-    npo = "configs/unlearn/world_decoder_npo.yaml" if dry else "configs/unlearn/smollm2_npo_lora.yaml"
+    npo = ("configs/unlearn/world_decoder_npo.yaml" if model == "lethe:world-decoder"
+           else "configs/unlearn/smollm2_npo_lora.yaml")
     n_fit, n_ddp = (2, 2) if dry else (200, 20)
     out: dict = {"dry_run": dry, "device": torch.cuda.get_device_name(0) if not dry else "cpu (dry run)",
                  "torch": torch.__version__, "model": model}
