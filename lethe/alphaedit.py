@@ -43,6 +43,19 @@ offers):
   that do not win yet after it are written again, up to n more passes (a strongly protected update writes a
   new edit only in part). Not in the paper: the null space and G slow the drift of earlier edits, they do not
   stop it; this repairs what drifted, at one forward per earlier edit per call and pass.
+- Preserved outputs pulled back, optional (``anchor_preserved`` α, needs ``refresh_keys``): P and γ bound what
+  one update does to a preserved key's output, measured from the model the update starts on; over a stream
+  the small moves add up (on the world decoder's tuning stream, 15 of 353 untouched facts lost after 750
+  edits, each through the MLP outputs at its prompt's last position: with the unedited weights at that one
+  position, 14 of the 15 came back). Before each call, at each edited layer (lowest first), a least-squares
+  correction F puts the kept preserved facts' MLP outputs back to the unedited model's (read before the
+  stream's first edit, so a resumed run reads the same), weight α against the keys of the stream's edits
+  (weight 1, every phrasing): F = α Dᵀ Kp (α KpᵀKp + KeᵀKe + l2 I)⁻¹ with D = target - W Kp. F joins the call's
+  deltas but no edit's factors (a rollback leaves it; ``meta["anchor"]``: layer -> [facts, mean output
+  error before, after]). Where edit and preserved keys overlap (one template's last token) the two trade,
+  and an edit F takes back is written again by ``reassert_edits``. ``preserve_prompts`` n reads each
+  preserved fact's keys at up to n of its ``edit_prompts`` phrasings too (for P, γ and the anchor). Not in
+  the paper.
 - MEMIT's corpus term, optional (``mom2_update_weight`` λ, 0 in the paper): λ C joins the soft term, so the
   update also pays λ·E‖ΔW P k‖² over the corpus keys. P removes only the directions whose eigenvalue is above
   the threshold; where C's spectrum is flat (SmolLM2: the null space still carries 24-44% of the corpus keys'
@@ -67,7 +80,7 @@ import torch
 
 from lethe.adapters import unwrap
 from lethe.edits import EditArtifact, resolve_hparams
-from lethe.memit import MEMITEditor, MEMITHyperParams
+from lethe.memit import MEMITEditor, MEMITHyperParams, with_phrasings
 
 
 @dataclass
@@ -83,10 +96,12 @@ class AlphaEditHyperParams(MEMITHyperParams):
     preserve_source: str | None = None  # requests whose facts' keys join the preserved set (None: corpus C alone)
     preserve_weight: float = 0.0  # β: weight of the preserved facts' mean k kᵀ beside C
     preserve_limit: int | None = None  # use at most this many preserved facts (None: all)
+    preserve_prompts: int = 0  # each preserved fact's keys also at up to this many of its edit_prompts phrasings
     preserve_gram_weight: float = 0.0  # γ: the preserved facts' keys also in the soft term, γ·Σ k kᵀ beside G
     refresh_keys: bool = False  # recompute the preserved facts' and earlier edits' keys on the current model
     reassert_edits: bool = False  # write again, with each call, the earlier edits whose new object lost its prompt
     reassert_passes: int = 0  # and then the call's own edits that do not win yet, up to this many more passes
+    anchor_preserved: float = 0.0  # α: pull the kept preserved facts' MLP outputs back to the unedited model's
 
 
 def hparams_from(spec: AlphaEditHyperParams | dict | str | None = None, **overrides) -> AlphaEditHyperParams:
@@ -135,6 +150,11 @@ class AlphaEditEditor(MEMITEditor):
         if self.hp.reassert_edits and not self.hp.refresh_keys:
             raise ValueError("AlphaEdit hparams: reassert_edits needs refresh_keys: true (a lapsed edit's own keys "
                              "leave G while it is written again, which the stored keys cannot do)")
+        if self.hp.anchor_preserved and not (self.hp.refresh_keys and self.hp.preserve_source):
+            raise ValueError("AlphaEdit hparams: anchor_preserved needs preserve_source (the facts to anchor) and "
+                             "refresh_keys: true (their keys are read on the model as it is at each call)")
+        self._anchor_targets: dict[tuple, torch.Tensor] = {}  # (model, layer) -> unedited MLP outputs, preserved
+        self.anchor_stats: dict[int, list] = {}
         # layer -> [null-space dimension, key dimension, largest eigenvalue] of the last P built (artifact meta)
         self.null_space_dims: dict[int, list] = {}
 
@@ -165,7 +185,8 @@ class AlphaEditEditor(MEMITEditor):
         if not hasattr(self, "_preserved_requests"):
             from lethe.sources import load_requests
 
-            self._preserved_requests = load_requests(self.hp.preserve_source, limit=self.hp.preserve_limit)
+            reqs = load_requests(self.hp.preserve_source, limit=self.hp.preserve_limit)
+            self._preserved_requests = with_phrasings(reqs, self.hp.preserve_prompts)
         return self._preserved_requests
 
     def preserved_keys(self, loaded, layer: int) -> tuple[list[str], torch.Tensor]:
@@ -239,6 +260,51 @@ class AlphaEditEditor(MEMITEditor):
             if self.hp.preserve_source and (self.hp.preserve_weight or self.hp.preserve_gram_weight) \
                     and not self.hp.refresh_keys:
                 self.preserved_keys(loaded, layer)
+            if self.hp.anchor_preserved:
+                self.anchor_targets(loaded, layer)
+
+    def _mlp_out(self, loaded, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s MLP output projection as an (out, in) view of its weight."""
+        name = loaded.adapter.mlp_out_name(layer, self.hp.stack)
+        return loaded.adapter.weight_out_in(loaded.adapter.module(loaded.model, name))
+
+    def anchor_targets(self, loaded, layer: int) -> torch.Tensor:
+        """The preserved facts' MLP outputs (n × out, bias left out) at ``layer`` on the model as first seen:
+        the values ``anchor_preserved`` pulls them back to (read before the stream's first edit)."""
+        key = (id(unwrap(loaded.model)), layer)
+        if key not in self._anchor_targets:
+            k = self.keys_now(loaded, self.preserved_requests(), layer)
+            self._anchor_targets[key] = k @ self._mlp_out(loaded, layer).detach().to(k.device, torch.float64).T
+        return self._anchor_targets[key]
+
+    @torch.no_grad()
+    def anchor(self, loaded, requests) -> None:
+        """Before a call (``anchor_preserved`` α > 0): at each edited layer, lowest first, a least-squares
+        correction F pulls the MLP outputs of the preserved facts whose subjects the stream has not edited (nor
+        this call) back to the unedited model's, F = α Dᵀ Kp (α KpᵀKp + KeᵀKe + l2 I)⁻¹, D = target - W Kp, with
+        Kp their keys and Ke the stream's edits' keys (every phrasing), both read on the model as it is. The
+        soft and null-space terms bound how far one update moves a preserved key's output; they do not undo
+        what many updates moved it. Not in the paper."""
+        hp = self.hp
+        edited = self.stream_subjects | {r.subject for r in requests}
+        reqs = self.preserved_requests()
+        keep = [i for i, r in enumerate(reqs) if r.subject not in edited]
+        rows = list(self.stream_rows)
+        if not keep or not rows:
+            return
+        for layer in self.hp.layers:
+            target = self.anchor_targets(loaded, layer)[keep]
+            kp = self.keys_now(loaded, [reqs[i] for i in keep], layer)
+            ke = self.keys_now(loaded, rows, layer)
+            w = self._mlp_out(loaded, layer)
+            d = target.to(kp.device) - kp @ w.to(torch.float64).T
+            m = hp.anchor_preserved * (kp.T @ kp) + ke.T @ ke
+            m = m + hp.l2_weight * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+            fix = torch.linalg.solve(m, hp.anchor_preserved * (kp.T @ d)).T  # (out × in); M symmetric
+            w.add_(fix.to(w.device, w.dtype))
+            left = target.to(kp.device) - kp @ w.to(torch.float64).T
+            self.anchor_stats[layer] = [len(keep), round(float(d.norm(dim=-1).mean()), 6),
+                                        round(float(left.norm(dim=-1).mean()), 6)]
 
     def lapsed_edits(self, loaded, exclude: set) -> list:
         """The stream's earlier edits (one request each, as first written) whose new object no longer beats the
@@ -267,6 +333,16 @@ class AlphaEditEditor(MEMITEditor):
         ``reassert_passes`` times) the call's own edits that do not win yet, each pass on the model the last left."""
         self.prepare(loaded)
         hp = self.hp
+        before = None
+        if hp.anchor_preserved and self.stream_rows:
+            self.validate(loaded, with_phrasings(requests, hp.edit_prompts))  # bad input: nothing changes
+            names = [f"{loaded.adapter.mlp_out_name(layer, hp.stack)}.weight" for layer in hp.layers]
+            before = EditArtifact.snapshot(loaded.model, names)
+            try:
+                self.anchor(loaded, requests)
+            except BaseException:
+                EditArtifact.from_weights(self.name, loaded.source, before, loaded.model).revert(loaded.model)
+                raise
         todo = list(requests)
         if hp.reassert_edits and self.stream_rows:
             todo += self.lapsed_edits(loaded, exclude={r.case_id for r in requests})
@@ -277,10 +353,20 @@ class AlphaEditEditor(MEMITEditor):
                 if not todo:
                     break
             reasserted += [r.case_id for r in todo if r.case_id in self.stream_case_ids]
-            arts.append(self._write(loaded, todo))
+            try:
+                arts.append(self._write(loaded, todo))
+            except BaseException:
+                if before is not None and not arts:  # the call wrote nothing: take its anchor back too
+                    EditArtifact.from_weights(self.name, loaded.source, before, loaded.model).revert(loaded.model)
+                raise
             call_ids |= {r.case_id for r in todo}
         art = arts[0] if len(arts) == 1 else EditArtifact.combine(arts)
         art._originals = dict(arts[0]._originals)  # revert() puts back the weights from before the call
+        if before is not None:  # the anchor joins the call's deltas (from before it), in no edit's factors
+            transposed = art.meta.get("factor_transposed", {})
+            art = EditArtifact.from_weights(self.name, loaded.source, before, loaded.model, art.requests,
+                                            art.meta).with_factors(art.factors, transposed)
+            art.meta["anchor"] = {str(layer): list(v) for layer, v in self.anchor_stats.items()}
         art.meta["null_space"] = {str(layer): list(v) for layer, v in self.null_space_dims.items()}
         art.meta["reasserted"] = list(dict.fromkeys(reasserted))
         art.meta["passes"] = len(arts)

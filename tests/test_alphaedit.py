@@ -592,7 +592,10 @@ def test_reassert_edits_writes_a_lapsed_earlier_edit_again_and_rollback_takes_al
     loaded, reqs = world
     snapshot = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     ed = AlphaEditEditor("edit/alphaedit_decoder", cache_dir=str(tmp_path / "cov"), progress=False,
-                         overrides={"mom2_n_samples": 1000, "reassert_edits": True, "refresh_keys": True})
+                         # anchor off: here its pull-back made the holding edits of this 8-edit stream lapse too
+                         # (reassert rewrote them); this test is about one lapsed edit among holding ones
+                         overrides={"mom2_n_samples": 1000, "reassert_edits": True, "refresh_keys": True,
+                                    "anchor_preserved": 0.0})
 
     def wins(rs) -> list[float]:
         return ev.counterfact_scores(loaded.model, loaded.tokenizer, "decoder", rs)["efficacy_per_case"]
@@ -634,3 +637,104 @@ def test_refresh_keys_with_every_preserved_fact_edited_keeps_nothing_and_still_e
                          progress=False)
     art = ed.edit(lm_, [request(0)])  # the one preserved fact is the one edited
     assert ed.kept_preserved_keys(lm_, 0).shape[0] == 0 and float(art.deltas[min(art.deltas)].norm()) > 0
+
+
+def anchored_editor(tmp_path, **kw) -> AlphaEditEditor:
+    """An unprotected AlphaEdit (P = I, no soft terms) with anchor_preserved, preserving requests 2-7's facts."""
+    write_counterfact([request(i) for i in range(2, 8)], tmp_path / "keep.json")
+    hp = {**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 0.0,
+          "preserve_gram_weight": 0.0, "nullspace_threshold": 1e12, "l2_weight": 1e-2, "mom2_update_weight": 0.0,
+          "refresh_keys": True, "anchor_preserved": 100.0, **kw}
+    return AlphaEditEditor(hp, cache_dir=str(tmp_path / "cov"), progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:AlphaEdit. nullspace_threshold")
+def test_anchor_preserved_pulls_drifted_preserved_outputs_back_against_the_earlier_edits(tmp_path):
+    """anchor_preserved α: an unprotected edit moves the preserved facts' MLP outputs; the anchor before the next
+    call pulls them back to the unedited model's in least squares, weight α against the stream's edit keys
+    (weight 1). Here every key shares the prompt's last token (cosine 0.91-0.97 to the edit's), so the two
+    trade: α 1 leaves about half the drift and keeps about half of what the edit wrote at its key, α 100
+    leaves ~1% of the drift and takes back more of the edit; neither takes it all."""
+
+    def run(alpha: float, sub: str) -> dict:
+        lm_ = tiny("llama")
+        (tmp_path / sub).mkdir()
+        ed = anchored_editor(tmp_path / sub, anchor_preserved=alpha)
+        first = ed.edit(lm_, [request(0)])  # the first call has nothing to pull back
+        assert "anchor" not in first.meta
+
+        def state(layer: int) -> tuple[float, torch.Tensor]:
+            w = ed._mlp_out(lm_, layer).detach().double()
+            kp = ed.keys_now(lm_, ed.preserved_requests(), layer)
+            return float((ed.anchor_targets(lm_, layer) - kp @ w.T).norm()), ed.keys_now(lm_, ed.stream_rows[:1],
+                                                                                         layer) @ w.T
+
+        before = {layer: state(layer) for layer in (0, 1)}
+        with torch.no_grad():
+            ed.anchor(lm_, [request(1)])
+        out = {}
+        for layer, name in zip((0, 1), sorted(first.deltas)):
+            w = ed._mlp_out(lm_, layer)
+            d = first.deltas[name].double()
+            d = d.T if d.shape != w.shape else d  # the edit's share (out × in)
+            k = ed.keys_now(lm_, ed.stream_rows[:1], layer)
+            drift, written = state(layer)
+            assert before[layer][0] > 0
+            out[layer] = (drift / before[layer][0],
+                          float((written - before[layer][1]).norm()) / float((k @ d.T).norm()))
+        return out
+
+    soft, hard = run(1.0, "soft"), run(100.0, "hard")
+    for layer in (0, 1):
+        (drift_soft, taken_soft), (drift_hard, taken_hard) = soft[layer], hard[layer]
+        assert drift_soft < 0.6 and drift_hard < 0.05, (layer, soft, hard)  # 0.36-0.48 and 0.01-0.02 here
+        assert taken_soft < taken_hard < 1.0, (layer, soft, hard)  # 0.40-0.56 and 0.84-0.92 here
+        assert taken_soft < 0.75
+
+
+@pytest.mark.filterwarnings("ignore:AlphaEdit. nullspace_threshold")
+def test_anchor_joins_the_calls_deltas_outside_every_edits_factors(tmp_path):
+    """The anchor is part of the call's artifact (its deltas are the weights after the call less those before
+    it, the anchor included; revert restores the weights from before) but of no edit's factors, so rolling the
+    call's edit back leaves the anchor. A bad request makes the call fail before the anchor changes anything."""
+    lm_ = tiny("llama")
+    ed = anchored_editor(tmp_path)
+    ed.edit(lm_, [request(0)])
+    params = dict(lm_.model.named_parameters())
+    with pytest.raises(Exception, match="subject"):
+        ed.edit(lm_, [request(1, prompt="w1 w2 w3")])  # the subject is not in its prompt
+    snap = {n: params[n].detach().clone() for n in ed.gram}
+    assert all(torch.equal(params[n], t) for n, t in snap.items())  # the failed call changed nothing
+    second = ed.edit(lm_, [request(1)])
+    assert set(second.meta["anchor"]) == {"0", "1"}
+    anchor_share = {}
+    for n, t in snap.items():
+        assert torch.allclose(second.deltas[n], (params[n] - t).detach(), atol=1e-6)
+        anchor_share[n] = second.deltas[n] - second.part(n, range(len(second.requests)))
+        assert float(anchor_share[n].norm()) > 1e-3 * float(second.deltas[n].norm())
+    second.rollback(lm_.model, second.find([1]))
+    for n, t in snap.items():
+        assert torch.allclose((params[n] - t).detach(), anchor_share[n], atol=1e-5)
+
+
+def test_anchor_preserved_needs_a_preserved_set_and_refresh_keys():
+    with pytest.raises(ValueError, match="anchor_preserved needs"):
+        AlphaEditEditor({**TINY_HP, "anchor_preserved": 1.0, "refresh_keys": True}, progress=False)
+    with pytest.raises(ValueError, match="anchor_preserved needs"):
+        AlphaEditEditor({**TINY_HP, "anchor_preserved": 1.0, "preserve_source": "world:train"}, progress=False)
+
+
+def test_preserve_prompts_reads_each_preserved_fact_at_its_further_phrasings(tmp_path):
+    """preserve_prompts n: each preserved fact joins the preserved set at its rewrite prompt and at up to n of its
+    edit_prompts phrasings (same subject, so an edit of the subject takes all of them out)."""
+    keep = [request(i, edit_prompts=["w2 {} w4", "w6 {} w4", "w9 {} w4"]) for i in range(2, 5)]
+    write_counterfact(keep, tmp_path / "keep.json")
+    lm_ = tiny("llama")
+    ed = AlphaEditEditor({**TINY_HP, "preserve_source": str(tmp_path / "keep.json"), "preserve_weight": 1.0,
+                          "refresh_keys": True, "preserve_prompts": 2}, cache_dir=str(tmp_path / "cov"),
+                         progress=False)
+    reqs = ed.preserved_requests()
+    assert [r.prompt for r in reqs[:3]] == ["w1 {} w3", "w2 {} w4", "w6 {} w4"] and len(reqs) == 9
+    assert [r.subject for r in reqs] == [r.subject for r in keep for _ in range(3)]
+    ed._batch_subjects = {keep[0].subject}
+    assert ed.kept_preserved_keys(lm_, 0).shape[0] == 6  # the edited subject's three phrasings left out
