@@ -10,7 +10,9 @@ By default the world decoder runs every method (with the rollback probe) and Smo
 Streams, per model (``SETUPS``):
 
 - world decoder: 1000 of the world's CounterFact cases (``world:train``, shuffled with ``--seed``) in batches
-  of 50; general ability = greedy recall of up to 400 world facts whose subjects no edit of the stream touches.
+  of 50; general ability = greedy recall of up to 400 world facts whose subjects no edit of the stream touches
+  (``general``, at each fact's first training phrasing) and of the same facts at their held-out paraphrases
+  (``general_paraphrase``: phrasings never trained on, which no preserved set holds).
 - SmolLM2: 500 counterfactual edits of real subjects from lethe's fact bank (``fact_bank``, every split: 725
   facts generated from templates over 553 subjects and 16 relations, kept only where SmolLM2 prefers the true
   object) in batches of 50, edited in bf16 autocast; general ability = perplexity of 100 held-out Python-doc
@@ -25,7 +27,8 @@ gets wrong hold no knowledge to keep and are dropped once, up front; a neighbour
 already edited for the same relation is left out and counted (``lethe.streams``).
 
 Every ``--every`` edits, all edits so far are scored: ``efficacy``, ``paraphrase``, ``neighborhood``
-(CounterFact protocol), ``general`` (and ``fact_recall`` for SmolLM2; the unedited model's values are
+(CounterFact protocol), ``general`` (and ``general_paraphrase`` on the world decoder, ``fact_recall`` on
+SmolLM2; the unedited model's values are
 ``general_unedited`` / ``unedited``) and ``seconds`` (editing time so far, without the evaluations). Each method
 starts from the unedited weights and uses its preset (``configs/edit/<method>_{decoder,smollm2}.yaml``).
 
@@ -114,11 +117,12 @@ def general_for(model: str, stream: list, usable: list):
 
         return general, {"general_texts": len(texts), "general_facts": len(facts)}
     pairs = streams.untouched_world_facts(stream)
+    held = streams.untouched_world_paraphrases(stream)
 
     def general(m):
-        return streams.recall(m, pairs)
+        return {"general": streams.recall(m, pairs), "general_paraphrase": streams.recall(m, held)}
 
-    return general, {"general_facts": len(pairs)}
+    return general, {"general_facts": len(pairs), "general_paraphrase_prompts": len(held)}
 
 
 def editor_for(method: str, model: str, cache_dir: str | None):
@@ -260,12 +264,13 @@ def run_model(model: str, args, out: Path) -> dict:
     if not args.tune:
         streams.plot_stream({m: r["rows"] for m, r in methods.items()}, png,
                             title=f"{model}: {margs.n} sequential edits in batches of {args.batch}",
-                            reference={k: unedited[k] for k in ("general", "fact_recall") if k in unedited})
+                            reference={k: unedited[k] for k in ("general", "general_paraphrase", "fact_recall")
+                                       if k in unedited})
     return result
 
 
 def summary(args, key, info, unedited, methods, t0) -> dict:
-    extra = {"fact_recall": round(unedited["fact_recall"], 4)} if "fact_recall" in unedited else {}
+    extra = {k: round(unedited[k], 4) for k in ("fact_recall", "general_paraphrase") if k in unedited}
     return {key: {"model": args.model, "stream": "tuning" if args.tune else "evaluation", "n_edits": args.n,
                   "batch_size": args.batch, "every": args.every, "seed": args.seed, **info,
                   "general_unedited": round(unedited["general"], 4),

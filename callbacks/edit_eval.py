@@ -15,7 +15,8 @@ and token-accuracy locality, and counted (``edit/neighbour_prompts_left_out``); 
 
 Streams (``stream_every: k``, sequential runs): every k edits, all edits so far are scored again
 (efficacy, paraphrase, neighbourhood) together with general ability (``general: world`` = greedy recall
-of world facts whose subjects no edit of the stream touches); the rows go to the loggers
+of world facts whose subjects no edit of the stream touches, ``general_paraphrase`` the same facts at their
+held-out phrasings); the rows go to the loggers
 (``stream/*``), to ``edit_results.json`` (``stream``) and to ``stream_curves.png``.
 """
 
@@ -50,7 +51,7 @@ class EditEvaluation(L.Callback):
         self.stream_every = stream_every
         self.general = general
         self.stream: list[dict] = []
-        self._general_pairs: list | None = None
+        self._general_pairs: tuple | None = None  # (untouched facts, the same at held-out phrasings)
         self.protocols = list(protocols)
         self.final = final
         self.batch_size = batch_size
@@ -147,10 +148,13 @@ class EditEvaluation(L.Callback):
         if self.general == "world":
             if self._general_pairs is None:  # the whole stream's subjects, known from the datamodule
                 stream = getattr(getattr(trainer, "datamodule", None), "requests", None) or self.requests
-                self._general_pairs = streams.untouched_world_facts(stream)
+                self._general_pairs = (streams.untouched_world_facts(stream),
+                                       streams.untouched_world_paraphrases(stream))
 
             def general(loaded):
-                return streams.recall(loaded, self._general_pairs)
+                facts, paraphrases = self._general_pairs
+                return {"general": streams.recall(loaded, facts),
+                        "general_paraphrase": streams.recall(loaded, paraphrases)}
         t = time.perf_counter()
         row = streams.stream_row(pl_module.loaded, self.requests, general, batch_size=self.batch_size)
         row["eval_seconds"] = round(time.perf_counter() - t, 2)

@@ -11,7 +11,8 @@ their neighbourhoods and on general ability. A neighbourhood prompt about a subj
 itself edited for the same relation is meant to change, so it cannot show bleed: it is left out and
 counted (``neighbour_prompts_left_out``), the rule ``benchmarks/editing_memit.py`` and ``lethe edit``
 apply. General ability is scored by a function the caller picks: recall of facts whose subjects no edit of
-the stream touches (``untouched_world_facts``, ``untouched_facts``), perplexity of held-out text
+the stream touches (``untouched_world_facts``, ``untouched_facts``; ``untouched_world_paraphrases``: the same
+world facts at their held-out phrasings), perplexity of held-out text
 (``perplexity``), or both.
 
 ``plot_stream`` draws the curves (one panel per metric, one line per method).
@@ -28,7 +29,7 @@ from lethe import evaluation as ev
 from lethe import lm
 from lethe.records import EditRequest
 
-STREAM_METRICS = ("efficacy", "paraphrase", "neighborhood", "general", "fact_recall")
+STREAM_METRICS = ("efficacy", "paraphrase", "neighborhood", "general", "general_paraphrase", "fact_recall")
 
 
 class StreamError(ValueError):
@@ -76,6 +77,20 @@ def untouched_world_facts(stream: Sequence[EditRequest], n: int = 400, seed: int
     facts = [f for f in world.train_facts if f.subject not in edited]
     random.Random(seed).shuffle(facts)
     return [(world.training_prompts(f)[0], f.object) for f in facts[:n]]
+
+
+def untouched_world_paraphrases(stream: Sequence[EditRequest], n: int = 400, seed: int = 0) -> list[tuple[str, str]]:
+    """(paraphrase prompt, object) of the same untouched facts as ``untouched_world_facts`` (same ``n``, ``seed``),
+    at their held-out templates: phrasings the world model never trained on and no preserved set holds (a
+    preserved set of training facts holds their training phrasings), so protection aimed at the preserved
+    prompts does not score itself here."""
+    from lethe.world import load_world
+
+    world = load_world()
+    edited = {r.subject for r in stream}
+    facts = [f for f in world.train_facts if f.subject not in edited]
+    random.Random(seed).shuffle(facts)
+    return [(p, f.object) for f in facts[:n] for p in world.paraphrase_prompts(f)]
 
 
 def recall(loaded, pairs: Sequence[tuple[str, str]]) -> float:

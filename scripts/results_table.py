@@ -135,6 +135,9 @@ def rows() -> list[tuple[str, str, str, str]]:
                 else:
                     figures = (f"{_epn(last)}; untouched recall {_f(last.get('general'))} "
                                f"(unedited {_f(block['general_unedited'])})")
+                    if "general_paraphrase" in last:  # the same facts at held-out phrasings
+                        figures += (f", at held-out phrasings {_f(last['general_paraphrase'])} "
+                                    f"(unedited {_f(block['unedited'].get('general_paraphrase'))})")
                 if r.get("rollback"):
                     rb = r["rollback"]
                     figures += (f"; rollback of {rb['rolled_back']} at {rb['n_edits']}: {_f(rb['restored_share'])} "
