@@ -333,33 +333,29 @@ class AlphaEditEditor(MEMITEditor):
         ``reassert_passes`` times) the call's own edits that do not win yet, each pass on the model the last left."""
         self.prepare(loaded)
         hp = self.hp
-        before = None
+        before = None  # with anchor_preserved: the weights before the call's anchor
         if hp.anchor_preserved and self.stream_rows:
-            self.validate(loaded, with_phrasings(requests, hp.edit_prompts))  # bad input: nothing changes
             names = [f"{loaded.adapter.mlp_out_name(layer, hp.stack)}.weight" for layer in hp.layers]
             before = EditArtifact.snapshot(loaded.model, names)
-            try:
-                self.anchor(loaded, requests)
-            except BaseException:
-                EditArtifact.from_weights(self.name, loaded.source, before, loaded.model).revert(loaded.model)
-                raise
-        todo = list(requests)
-        if hp.reassert_edits and self.stream_rows:
-            todo += self.lapsed_edits(loaded, exclude={r.case_id for r in requests})
         arts, reasserted, call_ids = [], [], set()
-        for n in range(1 + (hp.reassert_passes if hp.reassert_edits else 0)):
-            if n:
-                todo = self.lapsed_edits(loaded, exclude=self.stream_case_ids - call_ids)
-                if not todo:
-                    break
-            reasserted += [r.case_id for r in todo if r.case_id in self.stream_case_ids]
-            try:
+        try:
+            if before is not None:
+                self.anchor(loaded, requests)
+            todo = list(requests)
+            if hp.reassert_edits and self.stream_rows:
+                todo += self.lapsed_edits(loaded, exclude={r.case_id for r in requests})
+            for n in range(1 + (hp.reassert_passes if hp.reassert_edits else 0)):
+                if n:
+                    todo = self.lapsed_edits(loaded, exclude=self.stream_case_ids - call_ids)
+                    if not todo:
+                        break
+                reasserted += [r.case_id for r in todo if r.case_id in self.stream_case_ids]
                 arts.append(self._write(loaded, todo))
-            except BaseException:
-                if before is not None and not arts:  # the call wrote nothing: take its anchor back too
-                    EditArtifact.from_weights(self.name, loaded.source, before, loaded.model).revert(loaded.model)
-                raise
-            call_ids |= {r.case_id for r in todo}
+                call_ids |= {r.case_id for r in todo}
+        except BaseException:  # bad input fails the first write: a call that wrote nothing takes its anchor back
+            if before is not None and not arts:
+                EditArtifact.from_weights(self.name, loaded.source, before, loaded.model).revert(loaded.model)
+            raise
         art = arts[0] if len(arts) == 1 else EditArtifact.combine(arts)
         art._originals = dict(arts[0]._originals)  # revert() puts back the weights from before the call
         if before is not None:  # the anchor joins the call's deltas (from before it), in no edit's factors

@@ -68,15 +68,21 @@ def check_stream(requests: Sequence[EditRequest], batch_size: int, source: str =
     return out
 
 
-def untouched_world_facts(stream: Sequence[EditRequest], n: int = 400, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, object) of up to ``n`` training facts of lethe's world whose subjects no edit of ``stream`` touches."""
+def _untouched_world(stream: Sequence[EditRequest], n: int, seed: int) -> tuple[object, list]:
+    """(the world, up to ``n`` of its training facts whose subjects no edit of ``stream`` touches, seeded order)."""
     from lethe.world import load_world
 
     world = load_world()
     edited = {r.subject for r in stream}
     facts = [f for f in world.train_facts if f.subject not in edited]
     random.Random(seed).shuffle(facts)
-    return [(world.training_prompts(f)[0], f.object) for f in facts[:n]]
+    return world, facts[:n]
+
+
+def untouched_world_facts(stream: Sequence[EditRequest], n: int = 400, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, object) of up to ``n`` training facts of lethe's world whose subjects no edit of ``stream`` touches."""
+    world, facts = _untouched_world(stream, n, seed)
+    return [(world.training_prompts(f)[0], f.object) for f in facts]
 
 
 def untouched_world_paraphrases(stream: Sequence[EditRequest], n: int = 400, seed: int = 0) -> list[tuple[str, str]]:
@@ -84,13 +90,8 @@ def untouched_world_paraphrases(stream: Sequence[EditRequest], n: int = 400, see
     at their held-out templates: phrasings the world model never trained on and no preserved set holds (a
     preserved set of training facts holds their training phrasings), so protection aimed at the preserved
     prompts does not score itself here."""
-    from lethe.world import load_world
-
-    world = load_world()
-    edited = {r.subject for r in stream}
-    facts = [f for f in world.train_facts if f.subject not in edited]
-    random.Random(seed).shuffle(facts)
-    return [(p, f.object) for f in facts[:n] for p in world.paraphrase_prompts(f)]
+    world, facts = _untouched_world(stream, n, seed)
+    return [(p, f.object) for f in facts for p in world.paraphrase_prompts(f)]
 
 
 def recall(loaded, pairs: Sequence[tuple[str, str]]) -> float:
