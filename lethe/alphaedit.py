@@ -289,16 +289,15 @@ class AlphaEditEditor(MEMITEditor):
         edited = self.stream_subjects | {r.subject for r in requests}
         reqs = self.preserved_requests()
         keep = [i for i, r in enumerate(reqs) if r.subject not in edited]
-        rows = list(self.stream_rows)
-        if not keep or not rows:
+        if not keep or not self.stream_rows:
             return
         for layer in self.hp.layers:
             target = self.anchor_targets(loaded, layer)[keep]
             kp = self.keys_now(loaded, [reqs[i] for i in keep], layer)
-            ke = self.keys_now(loaded, rows, layer)
             w = self._mlp_out(loaded, layer)
             d = target.to(kp.device) - kp @ w.to(torch.float64).T
-            m = hp.anchor_preserved * (kp.T @ kp) + ke.T @ ke
+            name = f"{loaded.adapter.mlp_out_name(layer, hp.stack)}.weight"
+            m = hp.anchor_preserved * (kp.T @ kp) + self.stream_gram(loaded, layer, name).to(kp.device)  # KeᵀKe
             m = m + hp.l2_weight * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
             fix = torch.linalg.solve(m, hp.anchor_preserved * (kp.T @ d)).T  # (out × in); M symmetric
             w.add_(fix.to(w.device, w.dtype))
